@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -26,14 +27,31 @@ def count_params(model: nnx.Module) -> int:
       nnx.state(model, nnx.Param))))
 
 
-def _conv_macs(eqn) -> int:
-  rhs = eqn.invars[1].aval
+def _taps_inside(in_size, out_size, window, stride, pad_lo, dilation):
+  """(output position, kernel tap) pairs of one spatial dim inside the input."""
+  o = np.arange(out_size)[:, None]
+  k = np.arange(window)[None, :]
+  pos = o * stride - pad_lo + k * dilation
+  return int(np.sum((pos >= 0) & (pos < in_size)))
+
+
+def _conv_macs(eqn, count_padding: bool) -> int:
+  lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
   out = eqn.outvars[0].aval
-  dn = eqn.params["dimension_numbers"]
-  _, rhs_spec, _ = dn
+  lhs_spec, rhs_spec, out_spec = eqn.params["dimension_numbers"]
   in_per_group = rhs.shape[rhs_spec[1]]
-  window = int(np.prod([rhs.shape[d] for d in rhs_spec[2:]]))
-  return int(np.prod(out.shape)) * in_per_group * window
+  if count_padding:
+    window = int(np.prod([rhs.shape[d] for d in rhs_spec[2:]]))
+    return int(np.prod(out.shape)) * in_per_group * window
+  taps = 1
+  for i in range(len(rhs_spec) - 2):
+    taps *= _taps_inside(
+        lhs.shape[lhs_spec[2 + i]], out.shape[out_spec[2 + i]],
+        rhs.shape[rhs_spec[2 + i]], eqn.params["window_strides"][i],
+        eqn.params["padding"][i][0], eqn.params["rhs_dilation"][i],
+    )
+  return (out.shape[out_spec[0]] * out.shape[out_spec[1]] * in_per_group
+          * taps)
 
 
 def _dot_macs(eqn) -> int:
@@ -44,36 +62,46 @@ def _dot_macs(eqn) -> int:
   return int(np.prod(out.shape)) * k
 
 
-def macs_of_jaxpr(jaxpr: jax.extend.core.ClosedJaxpr | jax.extend.core.Jaxpr) -> int:
+def macs_of_jaxpr(jaxpr, *, count_padding: bool = True) -> int:
   """Multiply-adds of every convolution and matrix product in `jaxpr`.
 
-  Sub-jaxprs (jit, custom derivatives, control flow bodies) are counted
-  once each, as they run once in a forward pass without loops.
+  Args:
+    jaxpr: a (closed) jaxpr, e.g. from ``jax.make_jaxpr``.
+    count_padding: count a convolution's taps on zero padding, as the paper
+      and the usual FLOP counters do; False counts only taps inside the
+      input, as XLA's cost analysis does.
+
+  Sub-jaxprs (jit, custom derivatives) are counted once each: a forward pass
+  of these networks has no loops.
   """
   jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
   total = 0
   for eqn in jaxpr.eqns:
     name = eqn.primitive.name
     if name == "conv_general_dilated":
-      total += _conv_macs(eqn)
+      total += _conv_macs(eqn, count_padding)
     elif name == "dot_general":
       total += _dot_macs(eqn)
-    for sub in jax.core.jaxprs_in_params(eqn.params):
-      total += macs_of_jaxpr(sub)
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      total += macs_of_jaxpr(sub, count_padding=count_padding)
   return total
 
 
-def count_flops(model: nnx.Module, input_shape: Sequence[int]) -> int:
+def count_flops(
+    model: nnx.Module, input_shape: Sequence[int], *, count_padding: bool = True
+) -> int:
   """Multiply-adds of one forward pass of `model` on one example.
 
   The paper's "GFLOPs" are multiply-adds of convolutions and fully connected
   layers (Table 2); this counts exactly those, from the traced computation,
-  so it needs no device and no compilation.
+  so it needs no device and no compilation, and works on an abstract model
+  from ``nnx.eval_shape``.
 
   Args:
     model: an NNX model taking a batch of inputs.
     input_shape: shape of one example, e.g. ``(224, 224, 3)``; a leading
       batch dimension of 1 is also accepted.
+    count_padding: see `macs_of_jaxpr`; True matches the paper.
 
   Returns:
     The multiply-add count, an int.
@@ -101,4 +129,5 @@ def count_flops(model: nnx.Module, input_shape: Sequence[int]) -> int:
     return nnx.merge(graphdef, state)(x)
 
   x = jax.ShapeDtypeStruct((1, *shape), jnp.float32)
-  return macs_of_jaxpr(jax.make_jaxpr(forward)(state, x))
+  return macs_of_jaxpr(jax.make_jaxpr(forward)(state, x),
+                       count_padding=count_padding)

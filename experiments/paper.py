@@ -1,0 +1,69 @@
+"""Numbers reported by Hu et al., "Squeeze-and-Excitation Networks".
+
+Source: TPAMI 2019 (arXiv:1709.01507 v4), as collected in the project's
+shared REFERENCE.md. Parameter counts are in millions, GFLOPs are billions of
+multiply-adds of the Caffe models, errors are percentages. Experiments and
+tests read the paper's numbers from here and nowhere else.
+"""
+
+# Table 2: (top-1 err, top-5 err, GFLOPs) for the re-implemented baseline and
+# its SE counterpart. The registry names build the Caffe layouts whose
+# multiply-adds the paper reports.
+TABLE2 = {
+    "ResNet-50": dict(
+        baseline=(24.80, 7.48, 3.86), se=(23.29, 6.62, 3.87),
+        names=("resnet50", "legacy_se_resnet50"),
+        overrides=(dict(stride="caffe"), {})),
+    "ResNet-101": dict(
+        baseline=(23.17, 6.52, 7.58), se=(22.38, 6.07, 7.60),
+        names=("resnet101", "legacy_se_resnet101"),
+        overrides=(dict(stride="caffe"), {})),
+    "ResNet-152": dict(
+        baseline=(22.42, 6.34, 11.30), se=(21.57, 5.73, 11.32),
+        names=("resnet152", "legacy_se_resnet152"),
+        overrides=(dict(stride="caffe"), {})),
+    "ResNeXt-50 32x4d": dict(
+        baseline=(22.11, 5.90, 4.24), se=(21.10, 5.49, 4.25),
+        names=("resnext50_32x4d", "legacy_se_resnext50_32x4d"),
+        overrides=(dict(ceil_pool=True), {})),
+    "ResNeXt-101 32x4d": dict(
+        baseline=(21.18, 5.57, 7.99), se=(20.70, 5.01, 8.00),
+        names=("resnext101_32x4d", "legacy_se_resnext101_32x4d"),
+        overrides=(dict(ceil_pool=True), {})),
+}
+
+# Ablations on SE-ResNet-50 (Tables 10-16): (top-1, top-5, params M or None,
+# GFLOPs or None). FC biases are removed in these runs (Sec. 6).
+ABLATION_BASELINE = (23.30, 6.55, 25.6, None)
+TABLE10_REDUCTION = {
+    2: (22.29, 6.00, 45.7), 4: (22.25, 6.09, 35.7), 8: (22.26, 5.99, 30.7),
+    16: (22.28, 6.03, 28.1), 32: (22.72, 6.20, 26.9),
+}
+TABLE11_SQUEEZE = {"max": (22.57, 6.09), "avg": (22.28, 6.03)}
+TABLE12_EXCITATION = {
+    "relu": (23.47, 6.98), "tanh": (23.00, 6.38), "sigmoid": (22.28, 6.03),
+}
+# Stage numbers follow the paper (stage 2 is the first residual stage).
+TABLE13_STAGES = {
+    (2,): (23.03, 6.48, 25.6), (3,): (23.04, 6.32, 25.7),
+    (4,): (22.68, 6.22, 26.4), (2, 3, 4, 5): (22.28, 6.03, 28.1),
+}
+TABLE14_INTEGRATION = {
+    "standard": (22.28, 6.03), "pre": (22.23, 6.00), "post": (22.78, 6.35),
+    "identity": (22.20, 6.15),
+}
+TABLE15_SE_3X3 = (22.48, 6.02, 25.8, 3.86)
+TABLE16_NO_SQUEEZE = (22.93, 6.39, 28.1, 4.27)
+
+# Tables 4 and 5: CIFAR test error, baseline -> SE.
+TABLE4_CIFAR10 = {
+    "ResNet-110": (6.37, 5.21), "ResNet-164": (5.46, 4.39),
+    "WRN-16-8": (4.27, 3.88),
+}
+TABLE5_CIFAR100 = {
+    "ResNet-110": (26.88, 23.85), "ResNet-164": (24.33, 21.31),
+    "WRN-16-8": (20.43, 19.14),
+}
+
+# Exact parameter counts of timm's models (timm/models/resnet.py).
+TIMM_PARAMS = {"resnet50": 25_557_032, "seresnet50": 28_088_024}

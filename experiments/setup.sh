@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Sets up se_jax on a fresh machine: the offline Fashion-MNIST data where
+# Debian's package is available, a virtual environment in .venv, and the
+# package with its experiment and test extras. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null \
+    && [ "$(id -u)" = 0 ]; then
+  echo "se_jax setup: installing Debian's dataset-fashion-mnist" >&2
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "se_jax setup: creating .venv" >&2
+  python3 -m venv .venv
+fi
+stamp=.venv/.se_jax-installed
+if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ experiments/setup.sh -nt "$stamp" ]; then
+  echo "se_jax setup: installing se_jax[experiments,test] into .venv" >&2
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e ".[experiments,test]"
+  touch "$stamp"
+fi

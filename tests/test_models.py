@@ -1,0 +1,315 @@
+"""The NNX SE-ResNet family, its registry, gates and functional path."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import se_jax
+from se_jax import SqueezeExcite
+from se_jax.models import capture_gates, create, names
+from tests import reference as ref
+
+REQUIRED = [
+    *(f"{p}resnet{d}" for p in ("", "se_") for d in (18, 34, 50, 101, 152)),
+    "resnext50_32x4d", "resnext101_32x4d", "se_resnext50_32x4d",
+    "se_resnext101_32x4d",
+    *(f"cifar_{p}resnet{d}" for p in ("", "se_")
+      for d in (20, 32, 44, 56, 110, 164)),
+    "wrn16_8", "se_wrn16_8", "legacy_se_resnet50",
+]
+
+
+def _images(n=2, size=32, c=3, seed=0):
+  return jax.random.normal(jax.random.key(seed), (n, size, size, c))
+
+
+def _se_blocks(model):
+  return [m for _, m in nnx.iter_modules(model) if isinstance(m, SqueezeExcite)]
+
+
+def test_registry_has_the_papers_models():
+  assert set(REQUIRED) <= set(names())
+
+
+@pytest.mark.parametrize("name", names())
+def test_every_model_runs_train_and_eval(name):
+  model = create(name, num_classes=7)
+  x = _images()
+  stats = lambda: jax.tree.map(np.array, nnx.state(model, nnx.BatchStat))
+  before = stats()
+  model.train()
+  y = model(x)
+  assert y.shape == (2, 7) and y.dtype == jnp.float32
+  assert np.all(np.isfinite(y))
+  after_train = stats()
+  assert not all(jax.tree.leaves(jax.tree.map(np.array_equal, before,
+                                              after_train)))
+  model.eval()
+  y_eval = model(x)
+  assert np.all(np.isfinite(y_eval))
+  assert all(jax.tree.leaves(jax.tree.map(np.array_equal, after_train,
+                                          stats())))
+  np.testing.assert_array_equal(y_eval, model(x))
+  has_se = "se_" in name
+  assert bool(_se_blocks(model)) == has_se
+
+
+def test_se_resnet50_structure_and_gate_names():
+  model = create("se_resnet50")
+  gates = capture_gates(model, _images(size=64))
+  want = [f"SE_{s}_{u}" for s, n in zip((2, 3, 4, 5), (3, 4, 6, 3))
+          for u in range(1, n + 1)]
+  assert list(gates) == want
+  for tag, c in (("SE_2_1", 256), ("SE_3_4", 512), ("SE_4_6", 1024),
+                 ("SE_5_3", 2048)):
+    assert gates[tag].shape == (2, c) and gates[tag].dtype == jnp.float32
+  block = model.stages[3][2].se
+  assert (block.channels, block.reduced_channels) == (2048, 128)
+
+
+def test_gates_are_input_dependent_and_match_the_primitive():
+  model = create("cifar_se_resnet20", num_classes=10)
+  model.eval()
+  x = _images(n=4)
+  gates = capture_gates(model, x)
+  assert not np.allclose(gates["SE_4_3"][0], gates["SE_4_3"][1])
+  # Recompute the last block's gates from its input with the NumPy reference.
+  unit = model.stages[2][2]
+  h = x
+  h = nnx.relu(model.stem_norm(model.stem_conv(h)))
+  for stage in model.stages:
+    for u in stage:
+      if u is unit:
+        break
+      h = u(h)
+  r = nnx.relu(unit.norms[0](unit.convs[0](h)))
+  r = unit.norms[1](unit.convs[1](r))
+  _, want = ref.squeeze_excite(unit.se.params, np.asarray(r))
+  np.testing.assert_allclose(gates["SE_4_3"], want, rtol=1e-5, atol=1e-6)
+
+
+def test_capture_gates_leaves_the_model_as_it_was():
+  model = create("cifar_se_resnet20", num_classes=10)
+  before = jax.tree.map(np.array, nnx.state(model))
+  capture_gates(model, _images())
+  assert all(not m.use_running_average for _, m in nnx.iter_modules(model)
+             if isinstance(m, nnx.BatchNorm))
+  assert all(not b.record_gates for b in _se_blocks(model))
+  after = jax.tree.map(np.array, nnx.state(model))
+  assert all(jax.tree.leaves(jax.tree.map(np.array_equal, before, after)))
+
+
+def test_capture_gates_under_jit():
+  model = create("cifar_se_resnet20", num_classes=10)
+  x = _images()
+  eager = capture_gates(model, x)
+  jitted = nnx.jit(capture_gates)(model, x)
+  for k in eager:
+    np.testing.assert_allclose(jitted[k], eager[k], rtol=1e-5, atol=1e-6)
+
+
+def test_capture_gates_needs_se_blocks():
+  with pytest.raises(ValueError, match="no SqueezeExcite blocks"):
+    capture_gates(create("cifar_resnet20"), _images())
+
+
+# ------------------------------------------------------------ SE variants
+
+
+def _unit(name="se_resnet50", stage=1, unit=0, **overrides):
+  return create(name, **overrides).stages[stage][unit]
+
+
+def test_reduction_and_rounding():
+  assert _unit(reduction=8).se.reduced_channels == 64        # 512 / 8
+  assert _unit("se_resnet18", stage=0).se.reduced_channels == 8   # timm
+  assert _unit("legacy_se_resnet18", stage=0).se.reduced_channels == 4
+  assert _unit("cifar_se_resnet20", stage=0).se.reduced_channels == 1
+  u = _unit(rounding="paper", se_bias=False, reduction=32)
+  assert u.se.reduced_channels == 16 and u.se.b1 is None
+
+
+def test_integration_and_position_widths():
+  # The first unit of stage 3 maps 256 -> 512 channels, width 128.
+  assert _unit(integration="pre").se.channels == 256
+  assert _unit(integration="post").se.channels == 512
+  assert _unit(integration="identity").se.channels == 512
+  assert _unit(position="3x3").se.channels == 128
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(integration=i) for i in ("standard", "pre", "post", "identity")]
+    + [dict(position="3x3"), dict(squeeze="max"), dict(gate="tanh"),
+       dict(gate="relu"), dict(no_squeeze=True), dict(se_stages=(3,)),
+       dict(preact=True)],
+    ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()),
+)
+def test_variants_run_and_differ(overrides):
+  rngs = lambda: nnx.Rngs(0)
+  x = _images(n=2)
+  base = create("cifar_se_resnet20", num_classes=10, rngs=rngs())
+  model = create("cifar_se_resnet20", num_classes=10, rngs=rngs(),
+                 **overrides)
+  y = model(x)
+  assert y.shape == (2, 10) and np.all(np.isfinite(y))
+  if overrides != dict(integration="standard"):
+    assert not np.allclose(y, base(x))
+
+
+def test_integration_semantics():
+  """Each integration puts the block where Table 14 / Fig. 5 says."""
+  x = _images(n=2)
+
+  def run(integration):
+    m = create("cifar_se_resnet20", num_classes=10, integration=integration)
+    m.eval()
+    u = m.stages[1][0]  # 16 -> 32 channels, stride 2, projected shortcut.
+    h = nnx.relu(m.stem_norm(m.stem_conv(x)))
+    for v in m.stages[0]:
+      h = v(h)
+    return u, h, u(h)
+
+  def branch(u, h):
+    r = nnx.relu(u.norms[0](u.convs[0](h)))
+    return u.norms[1](u.convs[1](r))
+
+  se = lambda u, h: se_jax.squeeze_excite(u.se.params, h)
+  shortcut = lambda u, h: u.proj_norm(u.proj(h))
+  u, h, out = run("standard")
+  np.testing.assert_allclose(
+      out, nnx.relu(se(u, branch(u, h)) + shortcut(u, h)), atol=1e-5)
+  u, h, out = run("pre")
+  np.testing.assert_allclose(
+      out, nnx.relu(branch(u, se(u, h)) + shortcut(u, h)), atol=1e-5)
+  u, h, out = run("post")
+  np.testing.assert_allclose(
+      out, se(u, nnx.relu(branch(u, h) + shortcut(u, h))), atol=1e-5)
+  u, h, out = run("identity")
+  np.testing.assert_allclose(
+      out, nnx.relu(branch(u, h) + se(u, shortcut(u, h))), atol=1e-5)
+
+
+def test_se_stages_selects_stages():
+  model = create("se_resnet50", se_stages=(4,))
+  gates = capture_gates(model, _images(size=64))
+  assert list(gates) == [f"SE_4_{u}" for u in range(1, 7)]
+
+
+def test_no_squeeze_gates_are_per_position():
+  model = create("cifar_se_resnet20", num_classes=10, no_squeeze=True)
+  gates = capture_gates(model, _images())
+  assert gates["SE_2_1"].shape == (2, 32, 32, 16)
+  assert gates["SE_4_1"].shape == (2, 8, 8, 64)
+
+
+def test_stride_placement():
+  v15 = _unit("resnet50")
+  caffe = _unit("resnet50", stride="caffe")
+  assert v15.convs[0].strides == 1 and v15.convs[1].strides == 2
+  assert caffe.convs[0].strides == 2 and caffe.convs[1].strides == 1
+  legacy = create("legacy_se_resnet50")
+  assert legacy.ceil_pool and legacy.stages[1][0].convs[0].strides == 2
+  assert create("legacy_se_resnext50_32x4d").stages[1][0].convs[1].strides == 2
+
+
+def test_ceil_mode_max_pool_matches_reference():
+  from se_jax.models.resnet import _max_pool_3x3_s2
+  x = np.random.default_rng(0).normal(size=(1, 8, 7, 2)).astype(np.float32)
+  got = _max_pool_3x3_s2(jnp.asarray(x), ceil_mode=True)
+  # PyTorch/Caffe ceil mode: windows start at 0, 2, 4, ...; the last may be
+  # cut off by the border.
+  oh, ow = 4, 3
+  want = np.empty((1, oh, ow, 2), np.float32)
+  for i in range(oh):
+    for j in range(ow):
+      want[0, i, j] = x[0, 2 * i:2 * i + 3, 2 * j:2 * j + 3].max(axis=(0, 1))
+  np.testing.assert_array_equal(got, want)
+
+
+def test_resnext_and_wide_widths():
+  u = _unit("se_resnext50_32x4d", stage=0)
+  assert u.convs[1].feature_group_count == 32
+  assert u.convs[1].in_features == 128 and u.out_channels == 256
+  w = create("se_wrn16_8").stages[2][1]
+  assert w.out_channels == 512 and w.preact
+
+
+def test_bfloat16_compute():
+  model = create("cifar_se_resnet20", num_classes=10, dtype=jnp.bfloat16)
+  y = model(_images())
+  assert y.dtype == jnp.float32 and np.all(np.isfinite(y))
+  assert model.stem_conv.kernel[...].dtype == jnp.float32
+
+
+# ------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [(dict(name="se_resnet51"), r"unknown model 'se_resnet51'"),
+     (dict(name="se_resnet50", reducton=8), r"unknown option\(s\) \['reducton'\]"),
+     (dict(name="resnet50", reduction=8), r"'resnet50' has no SE blocks"),
+     (dict(name="se_resnet50", integration="parallel"),
+      r"integration must be one of .*'parallel'"),
+     (dict(name="se_resnet50", gate="softmax"), r"gate must be one of"),
+     (dict(name="se_resnet50", se_stages=(1, 2)),
+      r"se_stages must be among .*\(2, 3, 4, 5\).*\(1, 2\)"),
+     (dict(name="se_resnet50", position="3x3", integration="pre"),
+      r"position='3x3' .* needs integration='standard'"),
+     (dict(name="cifar_se_resnet20", reduction=32),
+      r"reduction=32 leaves 0 channels for channels=16"),
+     (dict(name="resnet50", stride="v2"), r"stride must be one of")],
+)
+def test_bad_options(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    create(kwargs.pop("name"), **kwargs)
+
+
+def test_bad_images():
+  model = create("cifar_se_resnet20")
+  with pytest.raises(TypeError, match=r"floating-point .* got dtype uint8"):
+    model(jnp.zeros((1, 32, 32, 3), jnp.uint8))
+  with pytest.raises(ValueError, match=r"NHWC with 3 channels, got shape"):
+    model(jnp.zeros((1, 3, 32, 32)))
+  gray = create("cifar_se_resnet20", in_channels=1)
+  assert gray(jnp.zeros((1, 28, 28, 1))).shape == (1, 1000)
+
+
+# ------------------------------------------------------- functional path
+
+
+def test_split_apply_merge_under_jit_and_grad():
+  model = create("cifar_se_resnet20", num_classes=10)
+  x, labels = _images(n=4), jnp.arange(4)
+  graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+
+  @jax.jit
+  def loss_fn(params, stats, x, labels):
+    m = nnx.merge(graphdef, params, stats)
+    logits = m(x)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return loss.mean(), nnx.state(m, nnx.BatchStat)
+
+  (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      params, stats, x, labels)
+  assert np.isfinite(loss)
+  # Gradients reach every parameter, the SE blocks' included.
+  se_grads = grads["stages"][2][2]["se"]
+  assert float(jnp.abs(se_grads["w1"][...]).sum()) > 0
+  # The stateful call gives the same loss and the same new statistics.
+  logits = model(x)
+  np.testing.assert_allclose(
+      optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(),
+      loss, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(new_stats),
+                  jax.tree.leaves(nnx.state(model, nnx.BatchStat))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # Merging back gives a model that computes what the pure function did.
+  merged = nnx.merge(graphdef, params, new_stats)
+  merged.eval()
+  model.eval()
+  np.testing.assert_allclose(merged(x), model(x), rtol=1e-5, atol=1e-5)
