@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 
 from flax import nnx
 
 import se_jax
-from experiments import paper
+from experiments import files, paper
 from experiments.provenance import markdown_header, provenance
 from se_jax.models import create
 
@@ -129,13 +128,6 @@ def to_markdown(rows: dict, prov: dict) -> str:
   return "\n".join(out) + "\n"
 
 
-def _write_atomic(path: str, text: str) -> None:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-  with os.fdopen(fd, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--out", default=os.path.join(_HERE, "results"),
@@ -147,9 +139,9 @@ def main(argv=None) -> None:
         flush=True)
   rows = compute()
   md = to_markdown(rows, prov)
-  _write_atomic(os.path.join(args.out, "cost_table.json"),
+  files.write_atomic(os.path.join(args.out, "cost_table.json"),
                 json.dumps({"provenance": prov, **rows}, indent=2) + "\n")
-  _write_atomic(os.path.join(args.out, "cost_table.md"), md)
+  files.write_atomic(os.path.join(args.out, "cost_table.md"), md)
   print(md)
   print(f"Wrote {args.out}/cost_table.md and cost_table.json")
 

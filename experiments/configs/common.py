@@ -1,0 +1,145 @@
+"""Shared pieces of the experiment configs.
+
+Every config file calls one of the builders here and documents, in its own
+docstring, the exact command and the paper's number. A config file takes an
+optional argument after a colon (``--config=FILE.py:ARG``): ``smoke`` gives
+a run of a few steps on a few examples, used by the tests; files with
+variants (the ablations) take the variant, e.g. ``:8`` or ``:8,smoke``.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from se_jax.models import MODEL_OPTIONS, SE_OPTIONS
+
+_OPTION_TYPES = {
+    "reduction": float, "rounding": str, "se_bias": bool, "squeeze": str,
+    "activation": str, "gate": str, "integration": str, "position": str,
+    "se_stages": tuple, "no_squeeze": bool, "stride": str, "ceil_pool": bool,
+    "preact": bool, "widths": tuple, "stem_width": int,
+}
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults of every run; builders and files override what they need."""
+  c = ml_collections.ConfigDict()
+  c.dataset = "cifar10"
+  c.data_dir = config_dict.placeholder(str)
+  c.model = "cifar_se_resnet20"
+  # Options passed to se_jax.models.create; None leaves the model's default.
+  c.model_options = ml_collections.ConfigDict({
+      k: config_dict.placeholder(_OPTION_TYPES[k])
+      for k in (*SE_OPTIONS, *MODEL_OPTIONS) if k != "in_channels"
+      and k != "dtype"
+  })
+  c.compute_dtype = "float32"  # or "bfloat16"; parameters stay float32.
+
+  c.batch_size = 128
+  c.eval_batch_size = 500
+  c.num_epochs = 164.0
+  c.num_train_steps = -1  # > 0 overrides num_epochs.
+  c.learning_rate = 0.1
+  c.momentum = 0.9
+  c.nesterov = False
+  c.weight_decay = 1e-4
+  c.schedule = "step"  # "step", "step_every", "cosine" or "constant".
+  c.decay_fractions = (0.5, 0.75)  # "step": at these fractions of training.
+  c.decay_every_epochs = 30.0  # "step_every".
+  c.decay_factor = 0.1
+  c.warmup_epochs = 0.0
+  c.label_smoothing = 0.0
+
+  c.augment_flip = config_dict.placeholder(bool)  # None: recipe default.
+  c.augment_pad = config_dict.placeholder(int)
+  c.image_size = config_dict.placeholder(int)  # ImageNet crop size.
+  c.max_train_examples = config_dict.placeholder(int)
+  c.max_eval_examples = config_dict.placeholder(int)
+  c.num_threads = 8
+
+  c.seed = 0
+  c.log_every_steps = 50
+  c.eval_every_epochs = 1.0
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.progress = True
+  c.distributed = "auto"  # "auto", "on" or "off", see trainer.py.
+  return c
+
+
+def parse_arg(arg: str | None) -> tuple[str | None, bool]:
+  """Splits a config argument into (variant, smoke)."""
+  parts = [p for p in (arg or "").split(",") if p]
+  smoke = "smoke" in parts
+  parts = [p for p in parts if p != "smoke"]
+  if len(parts) > 1:
+    raise ValueError(f"expected at most one variant and 'smoke', got {arg!r}.")
+  return (parts[0] if parts else None), smoke
+
+
+def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A few steps on a few examples: checks that a config runs end to end."""
+  c.num_train_steps = 3
+  c.batch_size = 8
+  c.eval_batch_size = 8
+  c.max_train_examples = 64
+  c.max_eval_examples = 16
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 3
+  c.num_threads = 2
+  c.progress = False
+  if c.dataset == "imagenet2012":
+    c.image_size = 64
+  return c
+
+
+def finish(c: ml_collections.ConfigDict, is_smoke: bool):
+  if is_smoke:
+    smoke(c)
+  c.lock()
+  return c
+
+
+def cifar(dataset: str, model: str, arg: str | None, **model_options):
+  """The CIFAR recipe of the ResNet papers (REFERENCE.md, CIFAR).
+
+  SGD momentum 0.9, batch 128, lr 0.1 divided by 10 at 50% and 75% of
+  training, weight decay 1e-4 (5e-4 for WRN), 164 epochs; pad-4 crop, flip,
+  per-channel normalisation.
+  """
+  variant, is_smoke = parse_arg(arg)
+  if variant is not None:
+    raise ValueError(f"this config has no variants, got {variant!r}.")
+  c = base_config()
+  c.dataset = dataset
+  c.model = model
+  for k, v in model_options.items():
+    c.model_options[k] = v
+  if "wrn" in model:
+    c.weight_decay = 5e-4
+  return finish(c, is_smoke)
+
+
+def imagenet(model: str, variant_arg: str | None = None, **model_options):
+  """The paper's ImageNet recipe (Sec. 5.1).
+
+  SGD momentum 0.9, batch 1024, lr 0.6 divided by 10 every 30 epochs, 100
+  epochs, weight decay 1e-4, random-size 224 crops and flips; evaluation on
+  the centre 224 crop of the image resized to 256.
+  """
+  _, is_smoke = parse_arg(variant_arg)
+  c = base_config()
+  c.dataset = "imagenet2012"
+  c.model = model
+  for k, v in model_options.items():
+    c.model_options[k] = v
+  c.batch_size = 1024
+  c.eval_batch_size = 1000
+  c.num_epochs = 100.0
+  c.learning_rate = 0.6
+  c.schedule = "step_every"
+  c.decay_every_epochs = 30.0
+  c.log_every_steps = 100
+  c.checkpoint_every_steps = 2000
+  return finish(c, is_smoke)
