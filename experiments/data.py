@@ -133,7 +133,8 @@ def load_fashion_mnist_files(directory: str, split: str) -> ArraySource:
 
 
 def get_source(name: str, split: str, *, data_dir: str | None = None,
-               fashion_mnist_dir: str = FASHION_MNIST_DIR):
+               fashion_mnist_dir: str = FASHION_MNIST_DIR,
+               download: bool = True):
   """A random-access source of ``{"image": uint8 HWC, "label": int}``.
 
   Args:
@@ -141,6 +142,7 @@ def get_source(name: str, split: str, *, data_dir: str | None = None,
     split: a TFDS split, e.g. ``"train"`` or ``"test"``.
     data_dir: TFDS data directory (default: TFDS's own).
     fashion_mnist_dir: where Debian's Fashion-MNIST files are looked for.
+    download: let TFDS download and prepare a dataset it does not have.
 
   Raises:
     ValueError: for an unknown dataset.
@@ -155,7 +157,8 @@ def get_source(name: str, split: str, *, data_dir: str | None = None,
     return load_fashion_mnist_files(fashion_mnist_dir, split)
   import tensorflow_datasets as tfds
   try:
-    return tfds.data_source(name, split=split, data_dir=data_dir)
+    return tfds.data_source(name, split=split, data_dir=data_dir,
+                            download=download)
   except Exception as e:  # TFDS raises many types for "not here".
     ways = [
         f"on a networked machine, prepare it once with TFDS (pip install"

@@ -338,8 +338,11 @@ def _run(config, workdir):
         "opt_state": opt_state,
     }
     top1 = 1.0 - _top_k_correct(logits, batch["label"], 1).mean()
+    params_finite = jnp.all(jnp.stack([
+        jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new["params"])]))
     return new, {"loss": loss, "top1_err": 100.0 * top1,
-                 "lr": schedule(state["step"])}
+                 "lr": schedule(state["step"]),
+                 "params_finite": params_finite.astype(jnp.float32)}
 
   def eval_step(state, batch):
     m = nnx.merge(eval_graphdef, state["params"], state["batch_stats"])
@@ -400,15 +403,17 @@ def _run(config, workdir):
       return
     fetched = jax.device_get([m for _, m in pending])
     for (s, _), m in zip(pending, fetched):
-      if not np.isfinite(m["loss"]):
+      if not np.isfinite(m["loss"]) or not m["params_finite"]:
         last = manager.latest_step()
+        what = (f"training loss is {m['loss']}" if not np.isfinite(m["loss"])
+                else "the parameters became non-finite")
         raise NonFiniteLossError(
-            f"training loss is {m['loss']} at step {s}; stopping. The last"
-            f" good checkpoint is kept: "
-            + (f"step {last} in {ckpt_dir}." if last is not None
-               else "none was saved yet.")
+            f"{what} at step {s}; stopping. The last good checkpoint is"
+            " kept: " + (f"step {last} in {ckpt_dir}." if last is not None
+                         else "none was saved yet.")
         )
-    s, m = pending[-1][0], fetched[-1]
+    s, m = pending[-1][0], dict(fetched[-1])
+    del m["params_finite"]
     writer.write(s, "train", m)
     if bar is not None:
       bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.4g}")

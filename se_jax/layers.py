@@ -8,7 +8,7 @@ from flax import nnx
 
 from se_jax import primitives
 
-__all__ = ["SqueezeExcite"]
+__all__ = ["BatchNorm", "SqueezeExcite"]
 
 
 class SqueezeExcite(nnx.Module):
@@ -123,3 +123,71 @@ class SqueezeExcite(nnx.Module):
     if self.record_gates:
       self.sow(nnx.Intermediate, self.tag, gates, reduce_fn=lambda _, g: g)
     return y
+
+
+class BatchNorm(nnx.Module):
+  """Batch normalisation over all axes but the last, as in the ResNets.
+
+  Statistics are computed in float32 whatever the compute dtype, and the
+  running variance is updated with the unbiased batch variance, as PyTorch
+  does, so that statistics carry over to and from timm models. Running
+  statistics are used after ``model.eval()`` or under
+  ``nnx.view(model, use_running_average=True)``.
+
+  Args:
+    num_features: channels C.
+    momentum: weight of the old running statistics (PyTorch's 1 - momentum).
+    epsilon: added to the variance.
+    dtype: compute dtype of the output (None: the input's).
+    use_running_average: start in eval mode.
+    rngs: unused; accepted for a uniform constructor signature.
+  """
+
+  def __init__(self, num_features: int, *, momentum: float = 0.9,
+               epsilon: float = 1e-5, dtype=None,
+               use_running_average: bool = False,
+               rngs: nnx.Rngs | None = None):
+    del rngs
+    f32 = jnp.float32
+    self.scale = nnx.Param(jnp.ones((num_features,), f32))
+    self.bias = nnx.Param(jnp.zeros((num_features,), f32))
+    self.mean = nnx.BatchStat(jnp.zeros((num_features,), f32))
+    self.var = nnx.BatchStat(jnp.ones((num_features,), f32))
+    self.momentum = momentum
+    self.epsilon = epsilon
+    self.dtype = dtype
+    self.use_running_average = use_running_average
+
+  def set_view(self, use_running_average: bool | None = None):
+    """Used by ``nnx.view``.
+
+    Args:
+      use_running_average: if True, normalise with the running statistics.
+    """
+    if use_running_average is not None:
+      self.use_running_average = use_running_average
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    f32 = jnp.float32
+    axes = tuple(range(x.ndim - 1))
+    if self.use_running_average:
+      mean, var = self.mean[...], self.var[...]
+    else:
+      xf = x.astype(f32)
+      mean = jnp.mean(xf, axis=axes)
+      var = jnp.maximum(jnp.mean(jnp.square(xf), axis=axes)
+                        - jnp.square(mean), 0.0)
+      n = x.size // x.shape[-1]
+      unbiased = var * (n / max(n - 1, 1))
+      m = self.momentum
+      # set_value (not [...] =) keeps tracing linear in the network's depth.
+      self.mean.set_value(jax.lax.stop_gradient(
+          m * self.mean[...] + (1 - m) * mean))
+      self.var.set_value(jax.lax.stop_gradient(
+          m * self.var[...] + (1 - m) * unbiased))
+    mul = self.scale[...] * jax.lax.rsqrt(var + self.epsilon)
+    add = self.bias[...] - mean * mul
+    dtype = self.dtype or x.dtype
+    lead = (1,) * (x.ndim - 1)
+    y = x.astype(f32) * mul.reshape(*lead, -1) + add.reshape(*lead, -1)
+    return y.astype(dtype)

@@ -96,7 +96,7 @@ def test_capture_gates_leaves_the_model_as_it_was():
   before = jax.tree.map(np.array, nnx.state(model))
   capture_gates(model, _images())
   assert all(not m.use_running_average for _, m in nnx.iter_modules(model)
-             if isinstance(m, nnx.BatchNorm))
+             if isinstance(m, se_jax.layers.BatchNorm))
   assert all(not b.record_gates for b in _se_blocks(model))
   after = jax.tree.map(np.array, nnx.state(model))
   assert all(jax.tree.leaves(jax.tree.map(np.array_equal, before, after)))

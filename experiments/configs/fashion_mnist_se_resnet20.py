@@ -1,4 +1,4 @@
-"""Fashion-MNIST, CIFAR-style SE-ResNet-20: the CPU-sized run of the engine.
+r"""Fashion-MNIST, CIFAR-style SE-ResNet-20: the CPU-sized run of the engine.
 
   python -m experiments.train \
       --config=experiments/configs/fashion_mnist_se_resnet20.py \

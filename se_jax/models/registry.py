@@ -14,7 +14,7 @@ __all__ = ["MODEL_OPTIONS", "SE_OPTIONS", "create", "names", "register"]
 
 SE_OPTIONS = tuple(SEConfig._fields)
 MODEL_OPTIONS = ("stride", "ceil_pool", "preact", "in_channels", "dtype",
-                 "widths", "stem_width")
+                 "widths", "stem_width", "stage_sizes")
 
 
 class _Entry(NamedTuple):
@@ -64,7 +64,7 @@ def create(
       ``squeeze``, ``activation``, ``gate``, ``integration``, ``position``,
       ``se_stages``, ``no_squeeze``) for a model with SE, and model options
       (``stride``, ``ceil_pool``, ``preact``, ``in_channels``, ``dtype``,
-      ``widths``, ``stem_width``) for any model.
+      ``widths``, ``stem_width``, ``stage_sizes``) for any model.
 
   Returns:
     The `ResNet` module, in training mode.

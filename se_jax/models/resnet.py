@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from se_jax.layers import SqueezeExcite
+from se_jax.layers import BatchNorm, SqueezeExcite
 from se_jax.primitives import ACTIVATIONS, GATES, ROUNDINGS, SQUEEZE_OPS
 from se_jax.primitives import _check_choice
 
@@ -113,9 +113,7 @@ def _conv(cin, cout, k, *, stride=1, groups=1, dtype, rngs):
 
 
 def _norm(c, *, dtype, rngs):
-  return nnx.BatchNorm(
-      c, momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON, dtype=dtype, rngs=rngs
-  )
+  return BatchNorm(c, momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON, dtype=dtype)
 
 
 class ResidualUnit(nnx.Module):

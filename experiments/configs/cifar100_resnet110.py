@@ -1,0 +1,17 @@
+r"""CIFAR-100, ResNet-110 (Table 5): paper 26.88% test error (with SE 23.85%).
+
+  python -m experiments.train --config=experiments/configs/cifar100_resnet110.py \
+      --workdir=workdirs/cifar100_resnet110
+
+Smoke run (a few steps): --config=experiments/configs/cifar100_resnet110.py:smoke
+Recipe: experiments/configs/common.py `cifar` (REFERENCE.md, CIFAR).
+
+The network is the pre-activation ResNet-110 of He et al., ECCV 2016,
+whose CIFAR-10 error of 6.37% is the baseline the paper reports.
+"""
+
+from experiments.configs import common
+
+
+def get_config(arg=None):
+  return common.cifar("cifar100", "cifar_resnet110", arg, preact=True)

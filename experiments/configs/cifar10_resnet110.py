@@ -1,0 +1,17 @@
+r"""CIFAR-10, ResNet-110 (Table 4): paper 6.37% test error (with SE 5.21%).
+
+  python -m experiments.train --config=experiments/configs/cifar10_resnet110.py \
+      --workdir=workdirs/cifar10_resnet110
+
+Smoke run (a few steps): --config=experiments/configs/cifar10_resnet110.py:smoke
+Recipe: experiments/configs/common.py `cifar` (REFERENCE.md, CIFAR).
+
+The network is the pre-activation ResNet-110 of He et al., ECCV 2016,
+whose CIFAR-10 error of 6.37% is the baseline the paper reports.
+"""
+
+from experiments.configs import common
+
+
+def get_config(arg=None):
+  return common.cifar("cifar10", "cifar_resnet110", arg, preact=True)

@@ -1,0 +1,16 @@
+r"""ImageNet, SE-ResNet-101 (Table 2): paper 22.38 / 6.07 top-1 / top-5 error.
+
+  python -m experiments.train --config=experiments/configs/imagenet_se_resnet101.py \
+      --workdir=workdirs/imagenet_se_resnet101
+
+Smoke run (a few steps): --config=experiments/configs/imagenet_se_resnet101.py:smoke
+Recipe: experiments/configs/common.py `imagenet` (paper, Sec. 5.1), in the
+Caffe layout whose multiply-adds the paper reports. Needs imagenet2012
+prepared by TFDS (manual download).
+"""
+
+from experiments.configs import common
+
+
+def get_config(arg=None):
+  return common.imagenet("legacy_se_resnet101", arg)

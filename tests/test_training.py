@@ -1,0 +1,278 @@
+"""The training engine: configs, smoke runs, resume, devices, guards."""
+
+import glob
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from experiments import data, trainer
+from experiments.configs import common
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(ROOT, "experiments", "configs")
+CONFIG_FILES = sorted(
+    os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIG_DIR, "*.py"))
+    if not os.path.basename(p).startswith(("__", "common")))
+FMNIST = os.path.join(CONFIG_DIR, "fashion_mnist_se_resnet20.py")
+needs_fmnist = pytest.mark.skipif(
+    not os.path.isdir(data.FASHION_MNIST_DIR),
+    reason="Debian's dataset-fashion-mnist is not installed;"
+           " experiments/setup.sh installs it")
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(
+      name, os.path.join(CONFIG_DIR, name + ".py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _jsonl(path, split="train"):
+  with open(path) as f:
+    return [r for r in map(json.loads, f) if r["split"] == split]
+
+
+def _variants(name):
+  group = name.removeprefix("imagenet_ablation_")
+  if group in common.ABLATIONS and len(common.ABLATIONS[group]) > 1:
+    return sorted(common.ABLATIONS[group])
+  return [None]
+
+
+def test_every_paper_result_has_a_config():
+  want = {f"{d}_{p}{m}" for d in ("cifar10", "cifar100")
+          for p in ("", "se_") for m in ("resnet110", "resnet164", "wrn16_8")}
+  want |= {f"imagenet_{p}{m}" for p in ("", "se_")
+           for m in ("resnet50", "resnet101", "resnet152", "resnext50_32x4d")}
+  want |= {f"imagenet_ablation_{g}" for g in common.ABLATIONS}
+  want |= {"fashion_mnist_se_resnet20"}
+  assert want <= set(CONFIG_FILES)
+
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_config_files_are_locked_documented_and_build(name):
+  module = _load(name)
+  assert "python -m experiments.train" in module.__doc__
+  assert f"--config=experiments/configs/{name}.py" in module.__doc__
+  for variant in _variants(name):
+    arg = variant
+    config = module.get_config(arg)
+    assert config.is_locked
+    with pytest.raises(AttributeError):
+      config.learning_rat = 0.1  # A typo is an error, not a new key.
+    model = nnx.eval_shape(lambda: trainer.build_model(config,
+                                                       rngs=nnx.Rngs(0)))
+    assert model.fc.out_features == data.DATASETS[config.dataset].num_classes
+    smoke = module.get_config(f"{arg},smoke" if arg else "smoke")
+    assert smoke.num_train_steps == 3
+
+
+def test_ablation_variants_set_the_option():
+  cfg = _load("imagenet_ablation_reduction").get_config("8")
+  assert cfg.model_options.reduction == 8 and not cfg.model_options.se_bias
+  with pytest.raises(ValueError, match=r"unknown reduction variant '7'"):
+    _load("imagenet_ablation_reduction").get_config("7")
+  with pytest.raises(ValueError, match=r"choose a variant"):
+    _load("imagenet_ablation_integration").get_config(None)
+
+
+def _smoke_names():
+  # One smoke run per config file; the ablation files run their first
+  # variant (the variants differ only in the SE options tested above).
+  return [(n, _variants(n)[0]) for n in CONFIG_FILES]
+
+
+@pytest.mark.parametrize("name,variant", _smoke_names(),
+                         ids=[n for n, _ in _smoke_names()])
+def test_smoke_run(name, variant, tmp_path):
+  config = _load(name).get_config(f"{variant},smoke" if variant else "smoke")
+  if config.dataset == "fashion_mnist":
+    if not os.path.isdir(data.FASHION_MNIST_DIR):
+      pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    result = trainer.train_and_evaluate(config, str(tmp_path))
+  else:
+    import tensorflow_datasets as tfds
+    # TFDS's mock data: random examples with the real dataset's features, so
+    # the real loading path runs without the dataset.
+    with tfds.testing.mock_data(num_examples=64):
+      result = trainer.train_and_evaluate(config, str(tmp_path))
+  assert np.isfinite(result["loss"]) and result["steps"] == 3
+  assert [r["step"] for r in _jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+  with open(tmp_path / "config.json") as f:
+    assert json.load(f)["model"] == config.model
+  assert os.listdir(tmp_path / "checkpoints") == ["3"]
+  assert glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))
+
+
+# ------------------------------------------------------------ schedules
+
+
+def _schedule_config(**kw):
+  c = common.base_config()
+  c.update(kw)
+  return c
+
+
+def test_step_schedule_divides_by_ten_at_half_and_three_quarters():
+  s = trainer.make_schedule(_schedule_config(), steps_per_epoch=10,
+                            total_steps=100)
+  np.testing.assert_allclose([s(0), s(49), s(50), s(74), s(75), s(99)],
+                             [0.1, 0.1, 0.01, 0.01, 0.001, 0.001], rtol=1e-6)
+
+
+def test_step_every_schedule_with_warmup():
+  c = _schedule_config(schedule="step_every", decay_every_epochs=3.0,
+                       warmup_epochs=1.0, learning_rate=0.6)
+  s = trainer.make_schedule(c, steps_per_epoch=10, total_steps=100)
+  np.testing.assert_allclose([s(0), s(5), s(10), s(29), s(30), s(60)],
+                             [0.0, 0.3, 0.6, 0.6, 0.06, 0.006], rtol=1e-5)
+
+
+def test_cosine_schedule():
+  s = trainer.make_schedule(_schedule_config(schedule="cosine"),
+                            steps_per_epoch=10, total_steps=100)
+  np.testing.assert_allclose([s(0), s(50), s(100)], [0.1, 0.05, 0.0],
+                             atol=1e-6)
+  with pytest.raises(ValueError, match=r"schedule must be .* got 'linear'"):
+    trainer.make_schedule(_schedule_config(schedule="linear"), 10, 100)
+
+
+def test_weight_decay_only_on_weights():
+  model = nnx.eval_shape(lambda: trainer.build_model(
+      _schedule_config(model="cifar_se_resnet20"), rngs=nnx.Rngs(0)))
+  params = nnx.state(model, nnx.Param)
+  mask = trainer._decay_mask(params)
+  flat = {"/".join(map(str, k)): bool(getattr(v, "get_value", lambda: v)())
+          for k, v in nnx.to_flat_state(mask)}
+  assert flat["stem_conv/kernel"] and flat["fc/kernel"]
+  assert flat["stages/0/0/se/w1"] and flat["stages/0/0/se/w2"]
+  assert not flat["fc/bias"] and not flat["stages/0/0/se/b1"]
+  assert not flat["stem_norm/scale"] and not flat["stem_norm/bias"]
+
+
+# ------------------------------------------------------------ runs
+
+
+def _tiny_args(workdir, steps=24, extra=()):
+  return [
+      sys.executable, "-m", "experiments.train", f"--config={FMNIST}:smoke",
+      f"--workdir={workdir}", f"--config.num_train_steps={steps}",
+      "--config.checkpoint_every_steps=4", "--config.keep_checkpoints=2",
+      "--config.batch_size=16", "--config.max_train_examples=256",
+      "--config.model_options.widths=(8,16,32)",
+      "--config.model_options.reduction=4", *extra,
+  ]
+
+
+def _final_params(workdir):
+  manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+  step = manager.latest_step()
+  restored = manager.restore(step, args=ocp.args.StandardRestore())
+  manager.close()
+  return step, restored["params"]
+
+
+def _run(args, env=None, **kw):
+  return subprocess.run(args, cwd=ROOT, env={**os.environ, **(env or {})},
+                        capture_output=True, text=True, **kw)
+
+
+@needs_fmnist
+def test_resume_after_sigkill_gives_the_same_final_params(tmp_path):
+  whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
+  r = _run(_tiny_args(whole))
+  assert r.returncode == 0, r.stderr[-3000:]
+
+  proc = subprocess.Popen(_tiny_args(cut), cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  ckpt = os.path.join(cut, "checkpoints")
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    steps = [int(s) for s in (os.listdir(ckpt) if os.path.isdir(ckpt) else ())
+             if s.isdigit()]
+    if steps and max(steps) >= 8:
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run ended before it could be interrupted"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  r = _run(_tiny_args(cut))
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "Resuming from the checkpoint at step" in r.stderr
+
+  (s1, p1), (s2, p2) = _final_params(whole), _final_params(cut)
+  assert s1 == s2 == 24
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+  # The metrics of the cut-off run were not written twice.
+  steps = [r["step"] for r in _jsonl(os.path.join(cut, "metrics.jsonl"))]
+  assert steps == sorted(set(steps))
+
+
+@needs_fmnist
+def test_four_devices_give_the_losses_of_one(tmp_path):
+  losses = {}
+  for n in (1, 4):
+    wd = str(tmp_path / f"dev{n}")
+    env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+    # A small step size keeps float rounding differences (the devices sum
+    # in another order) from being amplified by the optimisation.
+    r = _run(_tiny_args(wd, steps=6, extra=["--config.learning_rate=0.01"]),
+             env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses[n] = [r["loss"] for r in _jsonl(os.path.join(wd, "metrics.jsonl"))]
+  assert len(losses[1]) == 6
+  # The first step is the same computation up to summation order; later
+  # steps drift by a few 1e-5 at most as rounding passes through ReLU kinks.
+  np.testing.assert_allclose(losses[4][0], losses[1][0], rtol=1e-6)
+  np.testing.assert_allclose(losses[4], losses[1], rtol=1e-4)
+
+
+@needs_fmnist
+def test_unknown_config_key_on_the_command_line(tmp_path):
+  r = _run(_tiny_args(str(tmp_path), extra=["--config.learning_rat=0.1"]))
+  assert r.returncode != 0 and "learning_rat" in r.stderr
+
+
+def _tiny_config(**overrides):
+  c = _load("fashion_mnist_se_resnet20").get_config("smoke")
+  with c.unlocked():
+    c.model_options.widths = (8, 16, 32)
+    c.model_options.reduction = 4.0
+    c.update(overrides)
+  return c
+
+
+@needs_fmnist
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(
+    tmp_path):
+  wd = str(tmp_path)
+  trainer.train_and_evaluate(_tiny_config(num_train_steps=4,
+                                          checkpoint_every_steps=2), wd)
+  with pytest.raises(trainer.NonFiniteLossError,
+                     match=r"parameters became non-finite at step 5; .* step 4"):
+    trainer.train_and_evaluate(
+        _tiny_config(num_train_steps=12, checkpoint_every_steps=2,
+                     learning_rate=float("nan")), wd)
+  assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["2", "4"]
+
+
+@needs_fmnist
+def test_a_held_workdir_is_refused(tmp_path):
+  wd = str(tmp_path)
+  with trainer._workdir_lock(wd):
+    with pytest.raises(trainer.WorkdirLockedError, match="in use by another"):
+      trainer.train_and_evaluate(_tiny_config(), wd)
