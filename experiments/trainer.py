@@ -39,7 +39,8 @@ from experiments import data, files
 from se_jax.models import create
 
 __all__ = ["NonFiniteLossError", "WorkdirLockedError", "build_model",
-           "make_optimizer", "make_schedule", "train_and_evaluate"]
+           "make_optimizer", "make_schedule", "restore_model",
+           "train_and_evaluate"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -465,3 +466,36 @@ def _run(config, workdir):
   if lead:
     files.write_json(os.path.join(workdir, "final.json"), result)
   return result
+
+
+def restore_model(config: ml_collections.ConfigDict, workdir: str,
+                  step: int | None = None):
+  """The model of a run, with the parameters of its latest checkpoint.
+
+  Args:
+    config: the run's config.
+    workdir: the run's workdir.
+    step: a checkpoint step; default the latest.
+
+  Returns:
+    ``(model, step)``, the model in eval mode.
+
+  Raises:
+    FileNotFoundError: if the workdir has no checkpoint.
+  """
+  model = build_model(config, rngs=nnx.Rngs(config.seed))
+  ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  manager = ocp.CheckpointManager(ckpt_dir)
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {ckpt_dir}.")
+    restored = manager.restore(step, args=ocp.args.StandardRestore())
+  finally:
+    manager.close()
+  graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  nnx.replace_by_pure_dict(params, restored["params"])
+  nnx.replace_by_pure_dict(stats, restored["batch_stats"])
+  model = nnx.merge(graphdef, params, stats)
+  model.eval()
+  return model, step

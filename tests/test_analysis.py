@@ -1,0 +1,117 @@
+"""The gate measures on inputs whose answer is known, and the main job."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from experiments import data, recalibration
+from se_jax.analysis import class_gate_profiles, gate_statistics
+
+LABELS = np.repeat(np.arange(5), 40)
+
+
+def test_class_agnostic_gates_have_no_class_share():
+  rng = np.random.default_rng(0)
+  profile = rng.uniform(size=16)
+  gates = profile + 0.05 * rng.normal(size=(200, 16))  # same for every class
+  s = gate_statistics(gates, LABELS)
+  assert s.class_share < 0.05
+  np.testing.assert_allclose(s.within_class_std, 0.05, rtol=0.15)
+
+
+def test_class_determined_gates():
+  rng = np.random.default_rng(1)
+  profiles = rng.uniform(size=(5, 16))
+  s = gate_statistics(profiles[LABELS], LABELS)
+  assert s.class_share == pytest.approx(1.0)
+  assert s.within_class_std == pytest.approx(0.0, abs=1e-12)
+
+
+def test_between_class_share_matches_a_direct_computation():
+  rng = np.random.default_rng(2)
+  gates = rng.uniform(size=(200, 8)) + 0.3 * np.eye(5)[LABELS] @ rng.uniform(
+      size=(5, 8))
+  s = gate_statistics(gates, LABELS)
+  # Law of total variance: total = within + between, per channel.
+  within = sum((LABELS == k).mean() * gates[LABELS == k].var(0)
+               for k in range(5)).sum()
+  total = gates.var(0).sum()
+  assert s.class_share == pytest.approx(1 - within / total)
+
+
+def test_identity_and_saturation():
+  ones = gate_statistics(np.ones((200, 4)), LABELS)
+  assert ones.mean_abs_from_one == 0.0 and ones.near_one_share == 1.0
+  assert ones.class_share == 0.0
+  half = gate_statistics(np.full((200, 4), 0.5), LABELS)
+  assert half.mean_abs_from_one == 0.5 and half.near_one_share == 0.0
+  off = gate_statistics(np.full((200, 4), 0.01), LABELS)
+  assert off.near_zero_share == 1.0
+
+
+def test_scale_r2_separates_scaled_from_reshuffled_profiles():
+  rng = np.random.default_rng(3)
+  base = rng.uniform(0.2, 0.8, size=32)
+  scales = np.array([0.5, 0.8, 1.0, 1.2, 1.4])
+  scaled = gate_statistics(scales[LABELS, None] * base, LABELS)
+  assert scaled.scale_r2 == pytest.approx(1.0)
+  shuffled = np.stack([rng.permutation(base) for _ in range(5)])
+  assert gate_statistics(shuffled[LABELS], LABELS).scale_r2 < 0.3
+
+
+def test_profiles_and_bad_input():
+  gates = np.array([[0.0, 1.0], [1.0, 1.0], [0.5, 0.0]])
+  classes, mean, std = class_gate_profiles(gates, np.array([2, 2, 7]))
+  assert classes.tolist() == [2, 7]
+  np.testing.assert_allclose(mean, [[0.5, 1.0], [0.5, 0.0]])
+  np.testing.assert_allclose(std, [[0.5, 0.0], [0.0, 0.0]])
+  with pytest.raises(ValueError, match=r"labels must be \(3,\)"):
+    gate_statistics(gates, np.array([0, 1]))
+  with pytest.raises(ValueError, match=r"gates must be \(N, C\)"):
+    gate_statistics(gates[None], np.array([0]))
+  with pytest.raises(ValueError, match="at least two classes"):
+    gate_statistics(gates, np.zeros(3, int))
+  with pytest.raises(TypeError, match="labels must be integers"):
+    gate_statistics(gates, np.zeros(3))
+
+
+def test_the_papers_blocks_are_selected():
+  names = [f"SE_{s}_{u}" for s, n in zip((2, 3, 4, 5), (3, 4, 6, 3))
+           for u in range(1, n + 1)]
+  assert recalibration.selected_blocks(names) == [
+      "SE_2_3", "SE_3_4", "SE_4_6", "SE_5_1", "SE_5_2", "SE_5_3"]
+
+
+def test_baseline_names():
+  assert recalibration.baseline_name("cifar_se_resnet20") == "cifar_resnet20"
+  assert recalibration.baseline_name("se_resnext50_32x4d") == "resnext50_32x4d"
+  assert recalibration.baseline_name("se_wrn16_8") == "wrn16_8"
+  with pytest.raises(ValueError, match="no plain counterpart"):
+    recalibration.baseline_name("resnet50")
+
+
+@pytest.mark.skipif(not os.path.isdir(data.FASHION_MNIST_DIR),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_main_job_writes_a_report_and_reuses_finished_runs(tmp_path, capsys):
+  args = ["--quick", "--epochs", "0.05", "--workdir", str(tmp_path / "wd"),
+          "--report-dir", str(tmp_path / "report")]
+  results = recalibration.main(args)
+  report = tmp_path / "report"
+  for name in ("report.md", "report.json", "fig6_class_gates.png",
+               "fig7_within_class.png", "curves.png"):
+    assert (report / name).stat().st_size > 0
+  with open(report / "report.json") as f:
+    saved = json.load(f)
+  assert saved["blocks"] == ["SE_2_3", "SE_3_3", "SE_4_1", "SE_4_2", "SE_4_3"]
+  assert [r["model"] for r in saved["table"]] == ["cifar_resnet20",
+                                                  "cifar_se_resnet20"]
+  assert saved["images"] == 1000 and "command" in saved["provenance"]
+  assert saved["table"][1]["params"] > saved["table"][0]["params"]
+  assert all(0 <= saved["gate_stats"][b]["class_share"] <= 1
+             for b in saved["blocks"])
+  capsys.readouterr()
+  again = recalibration.main(args)
+  assert "finished earlier" in capsys.readouterr().err
+  assert again["table"] == results["table"]
