@@ -26,13 +26,13 @@ import os
 import sys
 import time
 
-import jax
 import numpy as np
 from flax import nnx
 
 import se_jax
 from experiments import data, files, trainer
 from experiments.configs import common
+from experiments.plot_run import plot_curves
 from experiments.provenance import markdown_header, provenance
 from se_jax.analysis import class_gate_profiles, gate_statistics
 from se_jax.models import capture_gates
@@ -109,7 +109,7 @@ def collect_gates(model, source, info, *, batch_size: int,
   _, eval_tf = data.make_transforms(info)
   capture = nnx.jit(capture_gates)
   gates: dict[str, list[np.ndarray]] = {}
-  labels, images = [], 0
+  labels = []
   for batch in data.eval_batches(source, eval_tf, global_batch=batch_size,
                                  max_examples=max_examples):
     keep = batch["mask"] > 0
@@ -117,7 +117,6 @@ def collect_gates(model, source, info, *, batch_size: int,
     for name, g in out.items():
       gates.setdefault(name, []).append(np.asarray(g)[keep])
     labels.append(batch["label"][keep])
-    images += int(keep.sum())
   return ({k: np.concatenate(v) for k, v in gates.items()},
           np.concatenate(labels))
 
@@ -295,25 +294,6 @@ def _to_markdown(results: dict, prov: dict) -> str:
   return "\n".join(out) + "\n"
 
 
-def _plot_curves(runs, path):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-  for name, wd in runs:
-    with open(os.path.join(wd, "metrics.jsonl")) as f:
-      recs = [json.loads(l) for l in f]
-    tr = [(r["step"], r["loss"]) for r in recs if r["split"] == "train"]
-    ev = [(r["epoch"], r["top1_err"]) for r in recs if r["split"] == "eval"]
-    a.plot(*zip(*tr), lw=0.8, label=name)
-    b.plot(*zip(*ev), marker="o", label=name)
-  a.set_xlabel("step"), a.set_ylabel("train loss"), a.legend()
-  b.set_xlabel("epoch"), b.set_ylabel("test error (%)"), b.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(
       description=__doc__.splitlines()[0],
@@ -418,7 +398,7 @@ def main(argv=None) -> dict:
              os.path.join(args.report_dir, "fig6_class_gates.png"), title)
   _plot_fig7(gates, labels, blocks, pair, names, channels,
              os.path.join(args.report_dir, "fig7_within_class.png"), title)
-  _plot_curves(runs, os.path.join(args.report_dir, "curves.png"))
+  plot_curves(runs, os.path.join(args.report_dir, "curves.png"))
 
   results = dict(
       dataset=args.dataset, table=table, blocks=blocks,

@@ -10,9 +10,7 @@ import sys
 import time
 
 import jax
-import ml_collections
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
