@@ -115,3 +115,25 @@ def test_main_job_writes_a_report_and_reuses_finished_runs(tmp_path, capsys):
   again = recalibration.main(args)
   assert "finished earlier" in capsys.readouterr().err
   assert again["table"] == results["table"]
+
+
+@pytest.mark.skipif(not os.path.isdir(data.FASHION_MNIST_DIR),
+                    reason="Debian's dataset-fashion-mnist is not installed")
+def test_ablations_run_resume_and_report(tmp_path, capsys):
+  from experiments import ablations
+  args = ["--groups", "baseline,squeeze", "--seeds", "0", "--quick",
+          "--epochs", "0.1", "--no-progress", "--workdir",
+          str(tmp_path / "wd"), "--report-dir", str(tmp_path / "report")]
+  rows = ablations.main(args)
+  assert [(r["group"], r["variant"]) for r in rows] == [
+      ("baseline", "no SE"), ("squeeze", "avg"), ("squeeze", "max")]
+  assert rows[0]["params"] < rows[1]["params"] == rows[2]["params"]
+  assert rows[2]["paper_top1"] == 22.57
+  text = (tmp_path / "report" / "ablations.md").read_text()
+  assert "| squeeze | max |" in text
+  capsys.readouterr()
+  again = ablations.main(args)
+  assert "->" not in capsys.readouterr().err  # nothing was trained again
+  assert [r["test_err"] for r in again] == [r["test_err"] for r in rows]
+  with pytest.raises(SystemExit):
+    ablations.main(["--groups", "reduction,width"])

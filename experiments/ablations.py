@@ -1,0 +1,211 @@
+"""The SE ablations of Tables 10-16, at CPU scale.
+
+  python -m experiments.ablations [--groups reduction,squeeze,...]
+      [--seeds 0,1,2] [--epochs 1] [--train-examples 20000] [--quick]
+
+One small network (CIFAR-style SE-ResNet-20 by default) on Fashion-MNIST,
+trained once per variant and seed under one recipe: the reduction ratio
+(Table 10), the squeeze operator (11), the gate (12), the stages with SE
+(13), the integration (14), SE_3x3 (15), NoSqueeze (16), and the network
+without SE. The report gives mean +- std over the seeds with params and
+multiply-adds, beside the paper's ImageNet numbers (experiments/paper.py).
+Runs are resumable and finished ones are reused, so a group can be run,
+interrupted and extended one at a time.
+
+As in the paper's ablations, the FC biases are dropped and C_r = C // r.
+At ResNet-20's 16-channel first stage, r = 32 leaves no channel, so the
+reduction ratios are 2, 4, 8 and 16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+from flax import nnx
+
+import se_jax
+from experiments import data, files, paper, trainer
+from experiments.configs import common
+from experiments.provenance import markdown_header, provenance
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+# group -> [(variant label, SE options or None for no SE, paper row)].
+GROUPS = {
+    "baseline": [("no SE", None, paper.ABLATION_BASELINE[:2])],
+    "reduction": [(f"r = {r}", dict(reduction=float(r)),
+                   paper.TABLE10_REDUCTION[r][:2]) for r in (2, 4, 8, 16)],
+    "squeeze": [(op, dict(squeeze=op), paper.TABLE11_SQUEEZE[op])
+                for op in ("avg", "max")],
+    "excitation": [(g, dict(gate=g), paper.TABLE12_EXCITATION[g])
+                   for g in ("sigmoid", "tanh", "relu")],
+    "stages": [(f"stage {s[0]}" if len(s) == 1 else "all", dict(se_stages=s),
+                paper.TABLE13_STAGES[s if len(s) == 1 else (2, 3, 4, 5)][:2])
+               for s in ((2,), (3,), (4,), (2, 3, 4))],
+    "integration": [(i, dict(integration=i), paper.TABLE14_INTEGRATION[i])
+                    for i in ("standard", "pre", "post", "identity")],
+    "se_3x3": [("SE_3x3", dict(position="3x3"), paper.TABLE15_SE_3X3[:2])],
+    "no_squeeze": [("NoSqueeze", dict(no_squeeze=True),
+                    paper.TABLE16_NO_SQUEEZE[:2])],
+}
+
+
+def _slug(text: str) -> str:
+  return "".join(ch if ch.isalnum() else "_" for ch in text).strip("_")
+
+
+def make_config(args, se_options: dict | None, seed: int):
+  c = common.base_config()
+  c.dataset = args.dataset
+  c.model = args.model if se_options is not None else args.baseline
+  c.seed = seed
+  c.num_epochs = float(args.epochs)
+  c.batch_size = args.batch_size
+  c.learning_rate = args.lr
+  c.schedule = "cosine"
+  c.log_every_steps = 50
+  c.checkpoint_every_steps = 200
+  c.keep_checkpoints = 1
+  c.progress = not args.no_progress
+  c.max_train_examples = args.train_examples
+  c.max_eval_examples = args.eval_examples
+  if se_options is not None:
+    c.model_options.se_bias = False
+    c.model_options.rounding = "paper"
+    for k, v in se_options.items():
+      c.model_options[k] = v
+  c.lock()
+  return c
+
+
+def _finished(config, workdir):
+  try:
+    with open(os.path.join(workdir, "final.json")) as f:
+      final = json.load(f)
+    with open(os.path.join(workdir, "config.json")) as f:
+      same = json.load(f) == json.loads(config.to_json_best_effort())
+  except (OSError, ValueError):
+    return None
+  return final if same else None
+
+
+def run_group(args, group: str, seeds: list[int]) -> list[dict]:
+  info = data.DATASETS[args.dataset]
+  shape = (info.image_size, info.image_size, info.channels)
+  rows = []
+  for label, options, paper_row in GROUPS[group]:
+    errs, secs = [], []
+    for seed in seeds:
+      config = make_config(args, options, seed)
+      wd = os.path.join(args.workdir, group, f"{_slug(label)}_seed{seed}")
+      result = _finished(config, wd)
+      if result is None:
+        print(f"[{group}] {label}, seed {seed} -> {wd}", file=sys.stderr,
+              flush=True)
+        result = trainer.train_and_evaluate(config, wd)
+      errs.append(result["top1_err"])
+      secs.append(result["train_seconds"])
+    model = nnx.eval_shape(lambda: trainer.build_model(config,
+                                                       rngs=nnx.Rngs(0)))
+    rows.append(dict(
+        group=group, variant=label, options=options, seeds=seeds,
+        test_err=errs, mean=float(np.mean(errs)),
+        std=float(np.std(errs, ddof=1)) if len(errs) > 1 else 0.0,
+        params=se_jax.count_params(model),
+        macs=se_jax.count_flops(model, shape), train_seconds=secs,
+        paper_top1=paper_row[0], paper_top5=paper_row[1]))
+  return rows
+
+
+def to_markdown(rows, prov, args) -> str:
+  out = [markdown_header("SE ablations at CPU scale", prov), ""]
+  out.append(
+      f"`{args.model}` (baseline `{args.baseline}`) on {args.dataset},"
+      f" {args.epochs:g} epoch(s) on {args.train_examples or 'all'} training"
+      f" images, SGD momentum 0.9, lr {args.lr} cosine, batch"
+      f" {args.batch_size}; FC biases off, C_r = C // r. Test error over"
+      f" {args.eval_examples or 'all'} test images, mean +- std over seeds"
+      f" {', '.join(map(str, rows[0]['seeds']))}. Paper: SE-ResNet-50 on"
+      " ImageNet, top-1 / top-5 error (Tables 10-16).\n")
+  out.append("| group | variant | test error (%) | each seed | params |"
+             " multiply-adds | paper top-1 / top-5 |\n"
+             "|---|---|---|---|---|---|---|")
+  for r in rows:
+    each = ", ".join(f"{e:.2f}" for e in r["test_err"])
+    out.append(
+        f"| {r['group']} | {r['variant']} | {r['mean']:.2f} +- {r['std']:.2f}"
+        f" | {each} | {r['params']:,} | {r['macs']:,} |"
+        f" {r['paper_top1']:.2f} / {r['paper_top5']:.2f} |")
+  base = [r for r in rows if r["group"] == "baseline"]
+  if base:
+    b = base[0]["mean"]
+    better = [r for r in rows if r["group"] != "baseline" and r["mean"] < b]
+    out.append(
+        f"\n{len(better)} of {len(rows) - 1} SE variants have a lower mean"
+        f" test error than the network without SE ({b:.2f}%)"
+        + (": " + ", ".join(f"{r['group']} {r['variant']}" for r in better)
+           if better else "") + ".")
+  return "\n".join(out) + "\n"
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(
+      description=__doc__.splitlines()[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--groups", default=",".join(GROUPS),
+                 help=f"comma-separated, from {', '.join(GROUPS)}")
+  p.add_argument("--seeds", default="0,1,2")
+  p.add_argument("--dataset", default="fashion_mnist",
+                 choices=sorted(data.DATASETS))
+  p.add_argument("--model", default="cifar_se_resnet20")
+  p.add_argument("--baseline", default="cifar_resnet20")
+  p.add_argument("--epochs", type=float, default=1.0)
+  p.add_argument("--train-examples", type=int, default=20000)
+  p.add_argument("--eval-examples", type=int, default=None)
+  p.add_argument("--batch-size", type=int, default=128)
+  p.add_argument("--lr", type=float, default=0.1)
+  p.add_argument("--quick", action="store_true",
+                 help="a smoke run: 1024 training and 500 test images")
+  p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--workdir", default="workdirs/ablations")
+  p.add_argument("--report-dir",
+                 default=os.path.join(_HERE, "results", "ablations"))
+  args = p.parse_args(argv)
+  groups = [g for g in args.groups.split(",") if g]
+  unknown = sorted(set(groups) - set(GROUPS))
+  if unknown:
+    p.error(f"unknown group(s) {unknown}; choose from {list(GROUPS)}")
+  try:
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+  except ValueError:
+    p.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+  if not seeds:
+    p.error("--seeds names no seed")
+  if args.quick:
+    args.train_examples, args.eval_examples = 1024, 500
+    args.epochs = min(args.epochs, 1.0)
+    if args.report_dir == p.get_default("report_dir"):
+      args.report_dir = os.path.join(args.workdir, "report_quick")
+    args.workdir = os.path.join(args.workdir, "quick")
+  os.makedirs(args.report_dir, exist_ok=True)
+  prov = provenance()
+  t0 = time.perf_counter()
+  rows = []
+  for group in groups:
+    rows.extend(run_group(args, group, seeds))
+  md = to_markdown(rows, prov, args)
+  files.write_json(os.path.join(args.report_dir, "ablations.json"),
+                   {"provenance": prov, "rows": rows,
+                    "wall_seconds": time.perf_counter() - t0})
+  files.write_atomic(os.path.join(args.report_dir, "ablations.md"), md)
+  print(md)
+  return rows
+
+
+if __name__ == "__main__":
+  main()
