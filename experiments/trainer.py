@@ -36,6 +36,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from experiments import data, files
+from experiments.provenance import provenance
 from se_jax.models import create
 
 __all__ = ["NonFiniteLossError", "WorkdirLockedError", "build_model",
@@ -265,6 +266,9 @@ def _run(config, workdir):
   if lead:
     files.write_atomic(os.path.join(workdir, "config.json"),
                        config.to_json_best_effort(indent=2) + "\n")
+    # Each invocation (a resume too) records where it ran.
+    with open(os.path.join(workdir, "provenance.jsonl"), "a") as f:
+      f.write(json.dumps(provenance()) + "\n")
 
   train_src = data.get_source(config.dataset, info.train_split,
                               data_dir=config.data_dir)
