@@ -1,7 +1,7 @@
 """Adaptive recalibration: does SE help, and what do its gates do?
 
   python -m experiments.recalibration [--dataset fashion_mnist]
-      [--model cifar_se_resnet20] [--epochs 1.5] [--seeds 0] [--quick]
+      [--model cifar_se_resnet20] [--epochs 1] [--seeds 0] [--quick]
 
 Trains a CIFAR-style ResNet and the same network with SE blocks under one
 recipe and seed (the analogue of the paper's Table 4), then reads the SE
@@ -303,7 +303,7 @@ def main(argv=None) -> dict:
   p.add_argument("--model", default="cifar_se_resnet20",
                  help="an SE model of the registry; its plain twin is the"
                       " baseline")
-  p.add_argument("--epochs", type=float, default=1.5)
+  p.add_argument("--epochs", type=float, default=1.0)
   p.add_argument("--seeds", default="0",
                  help="comma-separated seeds; each trains both networks")
   p.add_argument("--batch-size", type=int, default=128)
