@@ -208,12 +208,25 @@ def describe(results: dict) -> list[str]:
       + "; " + ", ".join(f"{b} {s:.2f}" for b, s in shares) + "."
   )
   wc = [(b, stats[b]["within_class_std"]) for b in blocks]
-  lines.append(
-      "Input dependence: within a class the gates still vary from image to"
-      " image (mean within-class std " + ", ".join(
-          f"{b} {s:.3f}" for b, s in wc) + "), so they are not a function of"
-      " the class alone: the recalibration is adaptive."
-  )
+  constant = [b for b, s in wc if s < 1e-3]
+  varying = [(b, s) for b, s in wc if s >= 1e-3]
+  if varying:
+    lines.append(
+        "Input dependence: within a class the gates of "
+        + ", ".join(b for b, _ in varying) + " still vary from image to"
+        " image (mean within-class std " + ", ".join(
+            f"{b} {s:.3f}" for b, s in varying) + "), so they are not a"
+        " function of the class alone: there the recalibration is adaptive."
+    )
+  if constant:
+    lines.append(
+        "Constant gates: " + ", ".join(constant) + (" gives" if len(
+            constant) == 1 else " give") + " every image the same gates"
+        " (within-class std below 0.001, class share "
+        + ", ".join(f"{stats[b]['class_share']:.2f}" for b in constant)
+        + "): such a block scales its channels by fixed factors and does not"
+        " recalibrate."
+    )
   ident = min(blocks, key=lambda b: stats[b]["mean_abs_from_one"])
   near = stats[ident]["mean_abs_from_one"] < 0.1
   lines.append(
