@@ -274,3 +274,19 @@ def test_a_held_workdir_is_refused(tmp_path):
   with trainer._workdir_lock(wd):
     with pytest.raises(trainer.WorkdirLockedError, match="in use by another"):
       trainer.train_and_evaluate(_tiny_config(), wd)
+
+
+@needs_fmnist
+def test_bfloat16_compute_with_float32_parameters(tmp_path):
+  result = trainer.train_and_evaluate(
+      _tiny_config(num_train_steps=2, compute_dtype="bfloat16"),
+      str(tmp_path))
+  assert np.isfinite(result["loss"])
+  manager = ocp.CheckpointManager(str(tmp_path / "checkpoints"))
+  params = manager.restore(2, args=ocp.args.StandardRestore())["params"]
+  manager.close()
+  assert {np.dtype(leaf.dtype) for leaf in jax.tree.leaves(params)} == {
+      np.dtype(np.float32)}
+  with pytest.raises(ValueError, match=r"compute_dtype must be .* 'fp16'"):
+    trainer.train_and_evaluate(_tiny_config(compute_dtype="fp16"),
+                               str(tmp_path / "bad"))
