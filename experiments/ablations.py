@@ -20,7 +20,6 @@ reduction ratios are 2, 4, 8 and 16.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -60,20 +59,14 @@ def _slug(text: str) -> str:
 
 
 def make_config(args, se_options: dict | None, seed: int):
-  c = common.base_config()
-  c.dataset = args.dataset
-  c.model = args.model if se_options is not None else args.baseline
-  c.seed = seed
-  c.num_epochs = float(args.epochs)
-  c.batch_size = args.batch_size
-  c.learning_rate = args.lr
-  c.schedule = "cosine"
+  c = common.short_run(
+      dataset=args.dataset,
+      model=args.model if se_options is not None else args.baseline,
+      seed=seed, epochs=args.epochs, batch_size=args.batch_size,
+      learning_rate=args.lr, max_train_examples=args.train_examples,
+      max_eval_examples=args.eval_examples)
   c.log_every_steps = 50
-  c.checkpoint_every_steps = 200
-  c.keep_checkpoints = 1
   c.progress = not args.no_progress
-  c.max_train_examples = args.train_examples
-  c.max_eval_examples = args.eval_examples
   if se_options is not None:
     c.model_options.se_bias = False
     c.model_options.rounding = "paper"
@@ -81,17 +74,6 @@ def make_config(args, se_options: dict | None, seed: int):
       c.model_options[k] = v
   c.lock()
   return c
-
-
-def _finished(config, workdir):
-  try:
-    with open(os.path.join(workdir, "final.json")) as f:
-      final = json.load(f)
-    with open(os.path.join(workdir, "config.json")) as f:
-      same = json.load(f) == json.loads(config.to_json_best_effort())
-  except (OSError, ValueError):
-    return None
-  return final if same else None
 
 
 def run_group(args, group: str, seeds: list[int]) -> list[dict]:
@@ -103,7 +85,7 @@ def run_group(args, group: str, seeds: list[int]) -> list[dict]:
     for seed in seeds:
       config = make_config(args, options, seed)
       wd = os.path.join(args.workdir, group, f"{_slug(label)}_seed{seed}")
-      result = _finished(config, wd)
+      result = trainer.finished_result(config, wd)
       if result is None:
         print(f"[{group}] {label}, seed {seed} -> {wd}", file=sys.stderr,
               flush=True)
@@ -159,7 +141,7 @@ def main(argv=None):
       formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--groups", default=",".join(GROUPS),
                  help=f"comma-separated, from {', '.join(GROUPS)}")
-  p.add_argument("--seeds", default="0,1,2")
+  p.add_argument("--seeds", default="0,1,2", type=common.parse_seeds)
   p.add_argument("--dataset", default="fashion_mnist",
                  choices=sorted(data.DATASETS))
   p.add_argument("--model", default="cifar_se_resnet20")
@@ -180,12 +162,7 @@ def main(argv=None):
   unknown = sorted(set(groups) - set(GROUPS))
   if unknown:
     p.error(f"unknown group(s) {unknown}; choose from {list(GROUPS)}")
-  try:
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-  except ValueError:
-    p.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
-  if not seeds:
-    p.error("--seeds names no seed")
+  seeds = args.seeds
   if args.quick:
     args.train_examples, args.eval_examples = 1024, 500
     args.epochs = min(args.epochs, 1.0)

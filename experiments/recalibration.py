@@ -21,7 +21,6 @@ under 3.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -61,36 +60,16 @@ def baseline_name(model: str) -> str:
 
 def make_config(args, model: str, seed: int):
   """The shared recipe: only the model differs between the two runs."""
-  c = common.base_config()
-  c.dataset = args.dataset
-  c.model = model
-  c.seed = seed
-  c.num_epochs = float(args.epochs)
-  c.batch_size = args.batch_size
-  c.learning_rate = args.lr
-  c.schedule = "cosine"
+  c = common.short_run(
+      dataset=args.dataset, model=model, seed=seed, epochs=args.epochs,
+      batch_size=args.batch_size, learning_rate=args.lr,
+      max_train_examples=4096 if args.quick else None,
+      max_eval_examples=1000 if args.quick else None)
   c.log_every_steps = 20
-  c.checkpoint_every_steps = 200
-  c.keep_checkpoints = 1
   c.num_threads = 4
   c.data_dir = args.data_dir
-  if args.quick:
-    c.max_train_examples = 4096
-    c.max_eval_examples = 1000
   c.lock()
   return c
-
-
-def _finished_result(config, workdir: str) -> dict | None:
-  """The final metrics of a finished run of exactly `config`, if any."""
-  try:
-    with open(os.path.join(workdir, "final.json")) as f:
-      final = json.load(f)
-    with open(os.path.join(workdir, "config.json")) as f:
-      same = json.load(f) == json.loads(config.to_json_best_effort())
-  except (OSError, ValueError):
-    return None
-  return final if same else None
 
 
 def selected_blocks(names: list[str]) -> list[str]:
@@ -317,7 +296,7 @@ def main(argv=None) -> dict:
                  help="an SE model of the registry; its plain twin is the"
                       " baseline")
   p.add_argument("--epochs", type=float, default=1.0)
-  p.add_argument("--seeds", default="0",
+  p.add_argument("--seeds", default="0", type=common.parse_seeds,
                  help="comma-separated seeds; each trains both networks")
   p.add_argument("--batch-size", type=int, default=128)
   p.add_argument("--lr", type=float, default=0.1)
@@ -335,12 +314,7 @@ def main(argv=None) -> dict:
   args = p.parse_args(argv)
   if args.epochs <= 0:
     p.error(f"--epochs must be positive, got {args.epochs}")
-  try:
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-  except ValueError:
-    p.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
-  if not seeds:
-    p.error("--seeds names no seed")
+  seeds = args.seeds
   if args.model not in se_jax.models.names():
     p.error(f"unknown --model {args.model!r}; SE models: " + ", ".join(
         n for n in se_jax.models.names() if "se_" in n))
@@ -360,7 +334,7 @@ def main(argv=None) -> dict:
     for kind, model in (("baseline", plain), ("se", args.model)):
       config = make_config(args, model, seed)
       wd = os.path.join(args.workdir, f"{model}_seed{seed}_ep{args.epochs:g}")
-      result = _finished_result(config, wd)
+      result = trainer.finished_result(config, wd)
       if result is not None:
         print(f"{model} (seed {seed}): finished earlier, reusing {wd}",
               file=sys.stderr)

@@ -40,7 +40,8 @@ from experiments.provenance import provenance
 from se_jax.models import create
 
 __all__ = ["NonFiniteLossError", "WorkdirLockedError", "build_model",
-           "make_optimizer", "make_schedule", "restore_model",
+           "finished_result", "make_optimizer", "make_schedule",
+           "restore_model",
            "train_and_evaluate"]
 
 
@@ -470,6 +471,23 @@ def _run(config, workdir):
   if lead:
     files.write_json(os.path.join(workdir, "final.json"), result)
   return result
+
+
+def finished_result(config: ml_collections.ConfigDict,
+                    workdir: str) -> dict[str, Any] | None:
+  """The final metrics of a finished run of exactly `config`, if any.
+
+  Lets a study reuse runs that completed earlier; a run with another config
+  in the same workdir does not count.
+  """
+  try:
+    with open(os.path.join(workdir, "final.json")) as f:
+      final = json.load(f)
+    with open(os.path.join(workdir, "config.json")) as f:
+      same = json.load(f) == json.loads(config.to_json_best_effort())
+  except (OSError, ValueError):
+    return None
+  return final if same else None
 
 
 def restore_model(config: ml_collections.ConfigDict, workdir: str,

@@ -9,6 +9,8 @@ variants (the ablations) take the variant, e.g. ``:8`` or ``:8,smoke``.
 
 from __future__ import annotations
 
+import argparse
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -76,6 +78,41 @@ def parse_arg(arg: str | None) -> tuple[str | None, bool]:
   if len(parts) > 1:
     raise ValueError(f"expected at most one variant and 'smoke', got {arg!r}.")
   return (parts[0] if parts else None), smoke
+
+
+def parse_seeds(text: str) -> list[int]:
+  """Comma-separated seeds, for command lines (an argparse ``type``)."""
+  try:
+    seeds = [int(s) for s in text.split(",") if s.strip()]
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"seeds must be comma-separated integers, got {text!r}") from None
+  if not seeds:
+    raise argparse.ArgumentTypeError(f"no seed in {text!r}")
+  return seeds
+
+
+def short_run(*, dataset: str, model: str, seed: int, epochs: float,
+              batch_size: int, learning_rate: float,
+              max_train_examples: int | None = None,
+              max_eval_examples: int | None = None):
+  """The recipe of the CPU-scale studies: SGD with a cosine decay.
+
+  Returned unlocked, for the study to add its own settings.
+  """
+  c = base_config()
+  c.dataset = dataset
+  c.model = model
+  c.seed = seed
+  c.num_epochs = float(epochs)
+  c.batch_size = batch_size
+  c.learning_rate = learning_rate
+  c.schedule = "cosine"
+  c.checkpoint_every_steps = 200
+  c.keep_checkpoints = 1
+  c.max_train_examples = max_train_examples
+  c.max_eval_examples = max_eval_examples
+  return c
 
 
 def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
