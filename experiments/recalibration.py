@@ -25,6 +25,7 @@ import os
 import sys
 import time
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -86,13 +87,16 @@ def collect_gates(model, source, info, *, batch_size: int,
                   max_examples: int | None):
   """Gates of every SE block and labels over a whole evaluation set."""
   _, eval_tf = data.make_transforms(info)
-  capture = nnx.jit(capture_gates)
+  graphdef, state = nnx.split(model)
+  capture = jax.jit(lambda state, x: capture_gates(nnx.merge(graphdef, state),
+                                                   x),
+                    compiler_options=se_jax.compiler_options())
   gates: dict[str, list[np.ndarray]] = {}
   labels = []
   for batch in data.eval_batches(source, eval_tf, global_batch=batch_size,
                                  max_examples=max_examples):
     keep = batch["mask"] > 0
-    out = capture(model, batch["image"])
+    out = capture(state, batch["image"])
     for name, g in out.items():
       gates.setdefault(name, []).append(np.asarray(g)[keep])
     labels.append(batch["label"][keep])

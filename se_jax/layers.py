@@ -7,8 +7,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from se_jax import primitives
+from se_jax.conv import conv2d
 
-__all__ = ["BatchNorm", "SqueezeExcite"]
+__all__ = ["BatchNorm", "Conv", "SqueezeExcite"]
 
 
 class SqueezeExcite(nnx.Module):
@@ -191,3 +192,52 @@ class BatchNorm(nnx.Module):
     lead = (1,) * (x.ndim - 1)
     y = x.astype(f32) * mul.reshape(*lead, -1) + add.reshape(*lead, -1)
     return y.astype(dtype)
+
+
+class Conv(nnx.Module):
+  """A bias-free 2-D convolution on NHWC maps, with explicit padding.
+
+  The parameter is ``kernel``, (kh, kw, in_features // groups,
+  out_features), as in ``flax.nnx.Conv``; the forward pass is
+  `se_jax.conv.conv2d`, whose gradient compiles better on the CPU.
+
+  Args:
+    in_features: input channels.
+    out_features: output channels.
+    kernel_size: (kh, kw).
+    strides: (sh, sw).
+    padding: ``((top, bottom), (left, right))`` zero padding.
+    groups: feature groups.
+    kernel_init: initializer of the kernel.
+    dtype: compute dtype (None: the promoted dtype of input and kernel).
+    rngs: ``nnx.Rngs`` with a ``params`` stream.
+  """
+
+  def __init__(self, in_features: int, out_features: int,
+               kernel_size: tuple[int, int], *,
+               strides: tuple[int, int] = (1, 1),
+               padding: tuple[tuple[int, int], tuple[int, int]] = (
+                   (0, 0), (0, 0)),
+               groups: int = 1,
+               kernel_init=nnx.initializers.lecun_normal(), dtype=None,
+               rngs: nnx.Rngs):
+    if in_features % groups or out_features % groups:
+      raise ValueError(
+          f"in_features {in_features} and out_features {out_features} must"
+          f" be divisible by groups={groups}.")
+    self.kernel = nnx.Param(kernel_init(
+        rngs.params(), (*kernel_size, in_features // groups, out_features),
+        jnp.float32))
+    self.in_features = in_features
+    self.out_features = out_features
+    self.strides = tuple(strides)
+    self.padding = tuple(tuple(p) for p in padding)
+    self.groups = groups
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.kernel[...]
+    dtype = self.dtype or jnp.promote_types(x.dtype, kernel.dtype)
+    return conv2d(x.astype(dtype), kernel.astype(dtype),
+                  strides=self.strides, padding=self.padding,
+                  groups=self.groups)

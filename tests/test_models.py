@@ -209,11 +209,12 @@ def test_no_squeeze_gates_are_per_position():
 def test_stride_placement():
   v15 = _unit("resnet50")
   caffe = _unit("resnet50", stride="caffe")
-  assert v15.convs[0].strides == 1 and v15.convs[1].strides == 2
-  assert caffe.convs[0].strides == 2 and caffe.convs[1].strides == 1
+  assert v15.convs[0].strides == (1, 1) and v15.convs[1].strides == (2, 2)
+  assert caffe.convs[0].strides == (2, 2) and caffe.convs[1].strides == (1, 1)
   legacy = create("legacy_se_resnet50")
-  assert legacy.ceil_pool and legacy.stages[1][0].convs[0].strides == 2
-  assert create("legacy_se_resnext50_32x4d").stages[1][0].convs[1].strides == 2
+  assert legacy.ceil_pool and legacy.stages[1][0].convs[0].strides == (2, 2)
+  resnext = create("legacy_se_resnext50_32x4d")
+  assert resnext.stages[1][0].convs[1].strides == (2, 2)
 
 
 def test_ceil_mode_max_pool_matches_reference():
@@ -232,7 +233,7 @@ def test_ceil_mode_max_pool_matches_reference():
 
 def test_resnext_and_wide_widths():
   u = _unit("se_resnext50_32x4d", stage=0)
-  assert u.convs[1].feature_group_count == 32
+  assert u.convs[1].groups == 32
   assert u.convs[1].in_features == 128 and u.out_channels == 256
   w = create("se_wrn16_8").stages[2][1]
   assert w.out_channels == 512 and w.preact

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from se_jax.layers import BatchNorm, SqueezeExcite
+from se_jax.layers import BatchNorm, Conv, SqueezeExcite
 from se_jax.primitives import ACTIVATIONS, GATES, ROUNDINGS, SQUEEZE_OPS
 from se_jax.primitives import _check_choice
 
@@ -105,10 +105,9 @@ def check_se_config(se: SEConfig) -> None:
 
 def _conv(cin, cout, k, *, stride=1, groups=1, dtype, rngs):
   p = k // 2
-  return nnx.Conv(
-      cin, cout, (k, k), strides=stride, padding=((p, p), (p, p)),
-      feature_group_count=groups, use_bias=False, kernel_init=_conv_init,
-      dtype=dtype, rngs=rngs,
+  return Conv(
+      cin, cout, (k, k), strides=(stride, stride), padding=((p, p), (p, p)),
+      groups=groups, kernel_init=_conv_init, dtype=dtype, rngs=rngs,
   )
 
 
