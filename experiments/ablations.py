@@ -20,6 +20,8 @@ reduction ratios are 2, 4, 8 and 16.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import sys
 import time
@@ -31,6 +33,7 @@ import se_jax
 from experiments import data, files, paper, trainer
 from experiments.configs import common
 from experiments.provenance import markdown_header, provenance
+from se_jax.models import SEConfig
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -43,9 +46,10 @@ GROUPS = {
                 for op in ("avg", "max")],
     "excitation": [(g, dict(gate=g), paper.TABLE12_EXCITATION[g])
                    for g in ("sigmoid", "tanh", "relu")],
-    "stages": [(f"stage {s[0]}" if len(s) == 1 else "all", dict(se_stages=s),
-                paper.TABLE13_STAGES[s if len(s) == 1 else (2, 3, 4, 5)][:2])
-               for s in ((2,), (3,), (4,), (2, 3, 4))],
+    "stages": [(f"stage {s}", dict(se_stages=(s,)),
+                paper.TABLE13_STAGES[(s,)][:2]) for s in (2, 3, 4)]
+              + [("all", dict(se_stages=None),
+                  paper.TABLE13_STAGES[(2, 3, 4, 5)][:2])],
     "integration": [(i, dict(integration=i), paper.TABLE14_INTEGRATION[i])
                     for i in ("standard", "pre", "post", "identity")],
     "se_3x3": [("SE_3x3", dict(position="3x3"), paper.TABLE15_SE_3X3[:2])],
@@ -54,8 +58,22 @@ GROUPS = {
 }
 
 
-def _slug(text: str) -> str:
-  return "".join(ch if ch.isalnum() else "_" for ch in text).strip("_")
+# The SE block of the paper's ablations: C // r, no FC biases (Sec. 6).
+ABLATION_SE = SEConfig(rounding="paper", se_bias=False)
+
+
+def run_key(config) -> str:
+  """A name for the network and recipe of `config`, without the seed.
+
+  Every SE option is set explicitly (`make_config`), so the variants that
+  build the same network (r = 16, avg, sigmoid, all stages, standard
+  integration) share one key, and one run per seed.
+  """
+  recipe = json.loads(config.to_json_best_effort())
+  recipe.pop("seed")
+  digest = hashlib.sha256(
+      json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
+  return f"{config.model}-{digest}"
 
 
 def make_config(args, se_options: dict | None, seed: int):
@@ -68,10 +86,8 @@ def make_config(args, se_options: dict | None, seed: int):
   c.log_every_steps = 50
   c.progress = not args.no_progress
   if se_options is not None:
-    c.model_options.se_bias = False
-    c.model_options.rounding = "paper"
-    for k, v in se_options.items():
-      c.model_options[k] = v
+    for k, v in ABLATION_SE._replace(**se_options)._asdict().items():
+      c.model_options[k] = float(v) if k == "reduction" else v
   c.lock()
   return c
 
@@ -84,7 +100,8 @@ def run_group(args, group: str, seeds: list[int]) -> list[dict]:
     errs, secs = [], []
     for seed in seeds:
       config = make_config(args, options, seed)
-      wd = os.path.join(args.workdir, group, f"{_slug(label)}_seed{seed}")
+      key = run_key(config)
+      wd = os.path.join(args.workdir, "runs", f"{key}_seed{seed}")
       result = trainer.finished_result(config, wd)
       if result is None:
         print(f"[{group}] {label}, seed {seed} -> {wd}", file=sys.stderr,
@@ -95,7 +112,8 @@ def run_group(args, group: str, seeds: list[int]) -> list[dict]:
     model = nnx.eval_shape(lambda: trainer.build_model(config,
                                                        rngs=nnx.Rngs(0)))
     rows.append(dict(
-        group=group, variant=label, options=options, seeds=seeds,
+        group=group, variant=label, options=options, run_key=key,
+        seeds=seeds,
         test_err=errs, mean=float(np.mean(errs)),
         std=float(np.std(errs, ddof=1)) if len(errs) > 1 else 0.0,
         params=se_jax.count_params(model),
@@ -123,19 +141,42 @@ def to_markdown(rows, prov, args) -> str:
         f"| {r['group']} | {r['variant']} | {r['mean']:.2f} +- {r['std']:.2f}"
         f" | {each} | {r['params']:,} | {r['macs']:,} |"
         f" {r['paper_top1']:.2f} / {r['paper_top5']:.2f} |")
+  shared: dict[str, list[str]] = {}
+  for r in rows:
+    shared.setdefault(r["run_key"], []).append(
+        f"{r['group']} {r['variant']}")
+  for names in shared.values():
+    if len(names) > 1:
+      out.append(f"\n{', '.join(names)} build the same network and share"
+                 " their runs.")
   base = [r for r in rows if r["group"] == "baseline"]
   if base:
-    b = base[0]["mean"]
-    better = [r for r in rows if r["group"] != "baseline" and r["mean"] < b]
+    b = base[0]
+    variants = {r["run_key"]: r for r in rows if r["group"] != "baseline"}
+    better = [r for r in variants.values() if r["mean"] < b["mean"]]
     out.append(
-        f"\n{len(better)} of {len(rows) - 1} SE variants have a lower mean"
-        f" test error than the network without SE ({b:.2f}%)"
+        f"\n{len(better)} of {len(variants)} distinct SE networks have a"
+        f" lower mean test error than the network without SE"
+        f" ({b['mean']:.2f}%)"
         + (": " + ", ".join(f"{r['group']} {r['variant']}" for r in better)
            if better else "") + ".")
+    if len(b["test_err"]) > 1:
+      # Standard error of the difference of two means over the seeds.
+      clear = [r for r in variants.values() if abs(r["mean"] - b["mean"])
+               > 2 * np.hypot(r["std"], b["std"]) / np.sqrt(len(r["seeds"]))]
+      out.append(
+          f"{len(clear)} of them differ from it by more than two standard"
+          " errors of the difference"
+          + (": " + ", ".join(
+              f"{r['group']} {r['variant']} ({r['mean'] - b['mean']:+.2f})"
+              for r in clear) if clear else
+             "; at this scale the other differences are within seed noise")
+          + ".")
   return "\n".join(out) + "\n"
 
 
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
+  """The command line, with --quick applied."""
   p = argparse.ArgumentParser(
       description=__doc__.splitlines()[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -158,17 +199,22 @@ def main(argv=None):
   p.add_argument("--report-dir",
                  default=os.path.join(_HERE, "results", "ablations"))
   args = p.parse_args(argv)
-  groups = [g for g in args.groups.split(",") if g]
-  unknown = sorted(set(groups) - set(GROUPS))
+  args.groups = [g for g in args.groups.split(",") if g]
+  unknown = sorted(set(args.groups) - set(GROUPS))
   if unknown:
     p.error(f"unknown group(s) {unknown}; choose from {list(GROUPS)}")
-  seeds = args.seeds
   if args.quick:
     args.train_examples, args.eval_examples = 1024, 500
     args.epochs = min(args.epochs, 1.0)
     if args.report_dir == p.get_default("report_dir"):
       args.report_dir = os.path.join(args.workdir, "report_quick")
     args.workdir = os.path.join(args.workdir, "quick")
+  return args
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  groups, seeds = args.groups, args.seeds
   os.makedirs(args.report_dir, exist_ok=True)
   prov = provenance()
   t0 = time.perf_counter()

@@ -137,3 +137,17 @@ def test_ablations_run_resume_and_report(tmp_path, capsys):
   assert [r["test_err"] for r in again] == [r["test_err"] for r in rows]
   with pytest.raises(SystemExit):
     ablations.main(["--groups", "reduction,width"])
+
+
+def test_ablation_variants_of_one_network_share_runs():
+  from experiments import ablations
+  args = ablations.parse_args(["--quick"])
+  key = lambda options, seed=0: ablations.run_key(
+      ablations.make_config(args, options, seed))
+  same = {key(dict(reduction=16.0)), key(dict(squeeze="avg")),
+          key(dict(gate="sigmoid")), key(dict(se_stages=None)),
+          key(dict(integration="standard")), key(dict(reduction=16.0), 2)}
+  assert len(same) == 1
+  others = {key(dict(reduction=8.0)), key(dict(se_stages=(2,))),
+            key(dict(squeeze="max")), key(None)}
+  assert len(others) == 4 and not others & same
