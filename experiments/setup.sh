@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Sets up se_jax on a fresh machine: the offline Fashion-MNIST data where
 # Debian's package is available, a virtual environment in .venv, and the
-# package with its experiment and test extras. Safe to run again.
+# package with its experiment and test extras. With SE_JAX_TORCH=1 (as CI
+# runs it) also the torch extra: PyTorch, timm and safetensors, for
+# se_jax.interop and its parity tests. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,4 +24,15 @@ if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ experiments/setup.sh -nt
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e ".[experiments,test]"
   touch "$stamp"
+fi
+
+torch_stamp=.venv/.se_jax-torch-installed
+if [ "${SE_JAX_TORCH:-0}" = 1 ] && { [ ! -f "$torch_stamp" ] \
+    || [ setup.cfg -nt "$torch_stamp" ] \
+    || [ experiments/setup.sh -nt "$torch_stamp" ]; }; then
+  echo "se_jax setup: installing PyTorch and se_jax[torch] into .venv" >&2
+  # timm needs torchvision, and torchvision only imports with its own torch.
+  .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+  .venv/bin/python -m pip install -q -e ".[torch]"
+  touch "$torch_stamp"
 fi
