@@ -1,0 +1,105 @@
+"""The benchmark's timing, target checks and report, on small inputs."""
+
+import json
+
+import pytest
+from flax import nnx
+
+import se_jax
+from experiments import benchmark
+from se_jax.models import create
+
+
+def test_calls_alternate_and_medians_are_reported():
+  calls = []
+  fns = {k: (lambda k=k: calls.append(k)) for k in "ab"}
+  times = benchmark.time_alternating(fns, repeats=4, warmup=1)
+  assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b", "b", "a"]
+  assert set(times) == {"a", "b"} and times["a"]["n"] == 4
+  assert times["a"]["min_s"] <= times["a"]["median_s"] <= times["a"]["max_s"]
+
+
+def _t(ms):
+  return {"median_s": ms / 1e3, "min_s": ms / 1e3, "max_s": ms / 1e3, "n": 1}
+
+
+def test_targets_are_checked_from_the_measured_ratios():
+  results = {
+      "inference": {"rows": [{"batch": 8, "times": {
+          "se_jax resnet50": _t(100), "se_jax se_resnet50": _t(101),
+          "timm se_resnet50": _t(120), "timm se_resnet50 CL": _t(100)},
+          "compile_s": {}}]},
+      "cifar": {"rows": [{"depth": 20, "batch": 128, "times": {
+          "se_jax cifar_resnet20": _t(100),
+          "se_jax cifar_se_resnet20": _t(110),
+          "PyTorch cifar_se_resnet20": _t(99)},
+          "compile_s": {}, "params": {}}]},
+      "memory": {"rows": [{
+          "plain": "resnet50", "se": "se_resnet50", "batch": 8,
+          "ratio": 1.08, "argument_ratio": 1.1, "temp_ratio": 1.02,
+          "peak_bytes": {"resnet50": 100, "se_resnet50": 108}}]},
+  }
+  checks = benchmark.check_targets(results, {"bf16": False})
+  got = {(c["target"], c["where"]): (round(c["value"], 3), c["met"])
+         for c in checks}
+  assert got == {
+      ("se_overhead_inference", "ResNet-50, batch 8"): (1.01, True),
+      ("speed_vs_timm_inference", "batch 8, timm default layout"):
+          (1.188, True),
+      ("speed_vs_timm_inference", "batch 8, timm channels_last"):
+          (0.99, False),
+      ("se_overhead_train", "CIFAR ResNet-20, batch 128"): (1.1, False),
+      ("speed_vs_torch_cifar", "batch 128, PyTorch default layout"):
+          (0.9, False),
+      ("memory_se_over_plain", "resnet50, batch 8"): (1.08, False),
+  }
+  md = benchmark.to_markdown(results, checks, {
+      "command": "c", "date": "d", "commit": "x", "machine": "m",
+      "devices": "1 x cpu", "versions": {"jax": "j", "flax": "f"}},
+      {"repeats": 1, "bf16": False})
+  assert "| no (misses by 10.0%) |" in md
+
+
+def test_evidence_names_what_bounds_the_step():
+  results = {
+      "kernels": {"resnet20_totals_s": {
+          "XLA forward": 0.1, "XLA input grad": 0.1, "XLA weight grad": 0.2,
+          "PyTorch forward": 0.1, "PyTorch input grad": 0.1,
+          "PyTorch weight grad": 0.1}},
+      "tuning": {"times": {"se_jax": _t(400),
+                           "XLA default options": _t(800),
+                           "without saved conv inputs": _t(600)},
+                 "transpose_s_per_step": {"se_jax": 0.03,
+                                          "without saved conv inputs": 0.3}},
+  }
+  text = " ".join(benchmark.evidence(results))
+  assert "400 ms in XLA and 300 ms in PyTorch" in text
+  assert "weight grad 200 vs 100 ms" in text and "0.75x" in text
+  assert "2.00x as long" in text and "1.50x as long" in text
+  assert "300 ms of that step in transpose fusions, against 30 ms" in text
+
+
+def test_quick_run_writes_the_report(tmp_path):
+  out = benchmark.main(["--quick", "--no-torch", "--sections",
+                        "se_block,memory", "--out-dir", str(tmp_path)])
+  saved = json.loads((tmp_path / "benchmark.json").read_text())
+  assert saved["targets"] == out["targets"]
+  (mem,) = saved["results"]["memory"]["rows"]
+  assert mem["plain"] == "cifar_resnet20" and mem["ratio"] > 1.0
+  for row in saved["results"]["se_block"]["rows"]:
+    assert row["bytes_moved"] == 3 * 4 * row["shape"][0] * row["shape"][1] \
+        * row["shape"][2] * row["shape"][3]
+  assert "## The SE block alone" in (tmp_path / "benchmark.md").read_text()
+  with pytest.raises(SystemExit):
+    benchmark.main(["--sections", "speed"])
+
+
+@pytest.mark.parametrize("se", [False, True])
+def test_pytorch_cifar_resnet_is_the_same_network(se):
+  pytest.importorskip("torch", reason="the torch extra is not installed")
+  name = f"cifar_{'se_' if se else ''}resnet20"
+  ours = se_jax.count_params(nnx.eval_shape(
+      lambda: create(name, num_classes=10)))
+  theirs = sum(p.numel() for p in
+               benchmark.torch_cifar_resnet(20, se).parameters())
+  assert theirs == ours
