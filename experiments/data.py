@@ -28,6 +28,7 @@ import numpy as np
 __all__ = [
     "DATASETS", "DataUnavailableError", "DatasetInfo", "FASHION_MNIST_DIR",
     "get_source", "eval_batches", "train_batches", "make_transforms",
+    "pretrained_transform",
 ]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -182,10 +183,9 @@ def get_source(name: str, split: str, *, data_dir: str | None = None,
 # ------------------------------------------------------------ augmentation
 
 
-def _normalise(image: np.ndarray, info: DatasetInfo) -> np.ndarray:
+def _normalise(image: np.ndarray, mean, std) -> np.ndarray:
   x = image.astype(np.float32) / 255.0
-  return (x - np.asarray(info.mean, np.float32)) / np.asarray(info.std,
-                                                              np.float32)
+  return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
 def pad_crop_flip(image: np.ndarray, rng: np.random.Generator, *, pad: int,
@@ -200,11 +200,20 @@ def pad_crop_flip(image: np.ndarray, rng: np.random.Generator, *, pad: int,
   return out
 
 
-def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+
+
+def _resize(image: np.ndarray, size: tuple[int, int],
+            interpolation: str = "bilinear") -> np.ndarray:
   from PIL import Image
+  if interpolation not in INTERPOLATIONS:
+    raise ValueError(
+        f"interpolation must be one of {INTERPOLATIONS}, got"
+        f" {interpolation!r}.")
   squeeze = image.shape[-1] == 1
   img = Image.fromarray(image[..., 0] if squeeze else image)
-  out = np.asarray(img.resize((size[1], size[0]), Image.BILINEAR))
+  resample = getattr(Image.Resampling, interpolation.upper())
+  out = np.asarray(img.resize((size[1], size[0]), resample))
   return out[..., None] if squeeze else out
 
 
@@ -228,15 +237,51 @@ def random_resized_crop(image: np.ndarray, rng: np.random.Generator, *,
   return _resize(image[i:i + s, j:j + s], (size, size))
 
 
-def resize_centre_crop(image: np.ndarray, *, resize: int,
-                       size: int) -> np.ndarray:
-  """Resize the short side to `resize`, then take the central square."""
+def resize_centre_crop(image: np.ndarray, *, resize: int, size: int,
+                       interpolation: str = "bilinear") -> np.ndarray:
+  """Resize the short side to `resize`, then take the central square.
+
+  The long side and the crop offsets are rounded as torchvision's Resize and
+  CenterCrop round them, so that pretrained timm models see the images they
+  were evaluated on.
+  """
   h, w = image.shape[:2]
-  r = resize / min(h, w)
-  nh, nw = max(size, round(h * r)), max(size, round(w * r))
-  image = _resize(image, (nh, nw))
-  i, j = (nh - size) // 2, (nw - size) // 2
+  if h <= w:
+    nh, nw = resize, int(resize * w / h)
+  else:
+    nh, nw = int(resize * h / w), resize
+  nh, nw = max(nh, size), max(nw, size)
+  image = _resize(image, (nh, nw), interpolation)
+  i, j = int(round((nh - size) / 2)), int(round((nw - size) / 2))
   return image[i:i + size, j:j + size]
+
+
+def pretrained_transform(preprocessing) -> Callable:
+  """The evaluation transform of a pretrained model.
+
+  Args:
+    preprocessing: a `se_jax.models.Preprocessing`: the shorter side is
+      resized to ``floor(input / crop_fraction)`` (timm's rule), the centre
+      `input_size` is cropped and the channels are normalised.
+
+  Returns:
+    ``record -> {"image": float32 HWC, "label": int32}``.
+  """
+  h, w = preprocessing.input_size
+  if h != w:
+    raise ValueError(f"square inputs only, got input_size {(h, w)}.")
+  resize = int(np.floor(h / preprocessing.crop_fraction))
+
+  def evaluate(record):
+    img = np.asarray(record["image"])
+    if img.shape[-1] == 1:
+      img = np.repeat(img, 3, axis=-1)
+    img = resize_centre_crop(img, resize=resize, size=h,
+                             interpolation=preprocessing.interpolation)
+    return {"image": _normalise(img, preprocessing.mean, preprocessing.std),
+            "label": np.int32(record["label"])}
+
+  return evaluate
 
 
 def make_transforms(info: DatasetInfo, *, flip: bool | None = None,
@@ -280,7 +325,7 @@ def make_transforms(info: DatasetInfo, *, flip: bool | None = None,
 
 
 def _example(img, record, info):
-  return {"image": _normalise(img, info),
+  return {"image": _normalise(img, info.mean, info.std),
           "label": np.int32(record["label"])}
 
 

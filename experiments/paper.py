@@ -67,3 +67,15 @@ TABLE5_CIFAR100 = {
 
 # Exact parameter counts of timm's models (timm/models/resnet.py).
 TIMM_PARAMS = {"resnet50": 25_557_032, "seresnet50": 28_088_024}
+
+# Sec. 7.2, Figs. 6-7 (the role of excitation): a trained SE-ResNet-50, four
+# ImageNet classes with 50 validation images each, 50 uniformly sampled
+# channels, the last SE block of each stage and the blocks of the last stage;
+# Fig. 7 shows goldfish and plane. Keys are ImageNet-1k class indices.
+ROLE_OF_EXCITATION = dict(
+    classes={1: "goldfish", 254: "pug", 404: "airliner", 972: "cliff"},
+    fig7_classes=(1, 404),
+    blocks=("SE_2_3", "SE_3_4", "SE_4_6", "SE_5_1", "SE_5_2", "SE_5_3"),
+    images_per_class=50,
+    channels=50,
+)

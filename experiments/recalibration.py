@@ -2,6 +2,8 @@
 
   python -m experiments.recalibration [--dataset fashion_mnist]
       [--model cifar_se_resnet20] [--epochs 1] [--seeds 0] [--quick]
+  python -m experiments.recalibration --weights legacy_seresnet50
+      --dataset imagenet2012
 
 Trains a CIFAR-style ResNet and the same network with SE blocks under one
 recipe and seed (the analogue of the paper's Table 4), then reads the SE
@@ -10,6 +12,14 @@ role-of-excitation analysis (Sec. 7.2): per-class mean gates of sampled
 channels for the last SE block of each stage and every block of the last
 stage (Fig. 6), within-class mean and spread for two classes (Fig. 7), and
 numbers for what those figures show by eye (`se_jax.analysis`).
+
+With ``--weights`` nothing is trained: the gates are those of a pretrained
+network, a checkpoint directory written by ``python -m
+experiments.convert_timm`` or a timm model name converted on the fly (which
+needs the network and the torch extra). On ImageNet this is the paper's own
+protocol (experiments/paper.py, ROLE_OF_EXCITATION): goldfish, pug, airliner
+and cliff with their 50 validation images each, 50 sampled channels, blocks
+SE_2_3 to SE_5_3, and the mean over all evaluated images.
 
 Everything lands in --report-dir (default experiments/results/recalibration):
 report.md, report.json (every number) and the figures. Training runs live in
@@ -22,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import NamedTuple
 import sys
 import time
 
@@ -30,7 +41,7 @@ import numpy as np
 from flax import nnx
 
 import se_jax
-from experiments import data, files, trainer
+from experiments import data, files, paper, trainer
 from experiments.configs import common
 from experiments.plot_run import plot_curves
 from experiments.provenance import markdown_header, provenance
@@ -83,28 +94,74 @@ def selected_blocks(names: list[str]) -> list[str]:
   return picked + stages[last]
 
 
-def collect_gates(model, source, info, *, batch_size: int,
-                  max_examples: int | None):
-  """Gates of every SE block and labels over a whole evaluation set."""
-  _, eval_tf = data.make_transforms(info)
+class GateSample(NamedTuple):
+  """What `collect_gates` read from a network over an evaluation set.
+
+  Attributes:
+    gates: ``{block: (n, C)}`` gates of the kept images.
+    labels: (n,) labels of the kept images.
+    overall: ``{block: (C,)}`` mean gates over all evaluated images.
+    images: how many images were evaluated.
+    top1_err: top-1 error (%) of the network over all evaluated images.
+  """
+
+  gates: dict[str, np.ndarray]
+  labels: np.ndarray
+  overall: dict[str, np.ndarray]
+  images: int
+  top1_err: float
+
+
+def collect_gates(model, source, transform, *, batch_size: int,
+                  max_examples: int | None,
+                  keep_classes=None) -> GateSample:
+  """Gates of every SE block over an evaluation set.
+
+  Args:
+    model: a network with SE blocks.
+    source: a random-access source of ``{"image", "label"}`` records.
+    transform: ``record -> {"image", "label"}``, the evaluation transform.
+    batch_size: images per forward pass.
+    max_examples: evaluate only the first examples of `source`.
+    keep_classes: keep the gates of these classes' images only (the others
+      count towards the overall mean and the error); None keeps all.
+
+  Returns:
+    A `GateSample`.
+  """
   graphdef, state = nnx.split(model)
-  capture = jax.jit(lambda state, x: capture_gates(nnx.merge(graphdef, state),
-                                                   x),
-                    compiler_options=se_jax.compiler_options())
+  capture = jax.jit(
+      lambda state, x: capture_gates(nnx.merge(graphdef, state), x,
+                                     with_outputs=True),
+      compiler_options=se_jax.compiler_options())
   gates: dict[str, list[np.ndarray]] = {}
-  labels = []
-  for batch in data.eval_batches(source, eval_tf, global_batch=batch_size,
+  sums: dict[str, np.ndarray] = {}
+  labels, images, correct = [], 0, 0
+  for batch in data.eval_batches(source, transform, global_batch=batch_size,
                                  max_examples=max_examples):
-    keep = batch["mask"] > 0
-    out = capture(state, batch["image"])
+    valid = batch["mask"] > 0
+    logits, out = capture(state, batch["image"])
+    y = batch["label"]
+    keep = valid if keep_classes is None else valid & np.isin(
+        y, list(keep_classes))
+    images += int(valid.sum())
+    correct += int((np.argmax(np.asarray(logits), -1) == y)[valid].sum())
     for name, g in out.items():
-      gates.setdefault(name, []).append(np.asarray(g)[keep])
-    labels.append(batch["label"][keep])
-  return ({k: np.concatenate(v) for k, v in gates.items()},
-          np.concatenate(labels))
+      g = np.asarray(g, np.float64)
+      sums[name] = sums.get(name, 0.0) + g[valid].sum(0)
+      gates.setdefault(name, []).append(g[keep].astype(np.float32))
+    labels.append(y[keep])
+  if images == 0:
+    raise ValueError("the evaluation set is empty.")
+  return GateSample(
+      gates={k: np.concatenate(v) for k, v in gates.items()},
+      labels=np.concatenate(labels),
+      overall={k: (v / images).astype(np.float32) for k, v in sums.items()},
+      images=images, top1_err=100.0 * (1 - correct / images))
 
 
-def _plot_fig6(gates, labels, blocks, class_names, channels, path, title):
+def _plot_fig6(gates, labels, overall, blocks, class_names, channels, path,
+               title):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -120,7 +177,7 @@ def _plot_fig6(gates, labels, blocks, class_names, channels, path, title):
     for i, k in enumerate(classes):
       ax.plot(x, mean[i, idx], lw=1.0, color=cmap(i % cmap.N),
               label=class_names[k])
-    ax.plot(x, gates[block][:, idx].mean(0), "k--", lw=1.6, label="all")
+    ax.plot(x, overall[block][idx], "k--", lw=1.6, label="all")
     ax.set_title(block)
     ax.set_xlabel("channel index (sampled)")
     ax.set_ylabel("mean gate")
@@ -232,9 +289,12 @@ def describe(results: dict) -> list[str]:
       f" block is {'' if near and ident == second_last else 'not '}near"
       f" identity ({agree(near and ident == second_last)}); the last block's"
       f" classes differ {'mainly' if scale_r2 > 0.5 else 'not mainly'} by a"
-      f" scale ({agree(scale_r2 > 0.5)}). This is a small network on"
-      f" {results['dataset']}, not SE-ResNet-50 on ImageNet: the measures"
-      " carry over, the values need not."
+      f" scale ({agree(scale_r2 > 0.5)})."
+      + (f" These are the pretrained weights {results['weights']} on"
+         f" {results['dataset']}." if results.get("weights") else
+         f" This is a small network on {results['dataset']}, not"
+         " SE-ResNet-50 on ImageNet: the measures carry over, the values"
+         " need not.")
   )
   return lines
 
@@ -249,20 +309,32 @@ def _by_seed(table):
 def _to_markdown(results: dict, prov: dict) -> str:
   out = [markdown_header("Adaptive recalibration on " + results["dataset"],
                          prov), ""]
-  out.append("## SE against the plain network (the Table 4 analogue)\n")
-  out.append("| model | seed | test error (%) | top-5 error (%) | params |"
-             " multiply-adds | train time (s) |\n|---|---|---|---|---|---|---|")
-  for r in results["table"]:
-    out.append(
-        f"| `{r['model']}` | {r['seed']} | {r['test_err']:.2f} |"
-        f" {r['top5_err']:.2f} | {r['params']:,} | {r['macs']:,} |"
-        f" {r['train_seconds']:.0f} |")
-  out.append(f"\nRecipe (both runs): {results['recipe']}.\n")
+  if results["table"]:
+    out.append("## SE against the plain network (the Table 4 analogue)\n")
+    out.append("| model | seed | test error (%) | top-5 error (%) | params |"
+               " multiply-adds | train time (s) |\n"
+               "|---|---|---|---|---|---|---|")
+    for r in results["table"]:
+      out.append(
+          f"| `{r['model']}` | {r['seed']} | {r['test_err']:.2f} |"
+          f" {r['top5_err']:.2f} | {r['params']:,} | {r['macs']:,} |"
+          f" {r['train_seconds']:.0f} |")
+    out.append(f"\nRecipe (both runs): {results['recipe']}.\n")
+    source = (f"Gates of `{results['analysed_model']}` (seed"
+              f" {results['analysed_seed']}) on {results['images']:,} test"
+              " images.")
+  else:
+    source = (
+        f"Gates of `{results['analysed_model']}` with the pretrained weights"
+        f" {results['weights']}, on {results['images']:,} images of"
+        f" {results['dataset']}'s {results['split']} split (top-1 error"
+        f" {results['top1_err']:.2f}% on them); the per-class measures use"
+        f" the {results['kept_images']:,} images of the classes "
+        + ", ".join(results["class_names"]) + ".")
   out.append("## What the gates do (Sec. 7.2 analogue)\n")
   out.append(
-      f"Gates of `{results['analysed_model']}` (seed"
-      f" {results['analysed_seed']}) on {results['images']:,} test images."
-      " Class share: between-class over total gate variance; within-class"
+      source + " Class share: between-class over total gate variance;"
+      " within-class"
       " std: image-to-image spread inside a class; |g-1|: distance from"
       " identity; >0.9 / <0.1: saturated gates; scale R^2: share of the"
       " class differences that a per-class scale explains.\n")
@@ -284,57 +356,34 @@ def _to_markdown(results: dict, prov: dict) -> str:
   out.append("*Fig. 7 analogue: within-class mean and std of the gates for"
              f" {results['fig7_classes'][0]} and {results['fig7_classes'][1]}.*"
              "\n")
-  out.append("![Training curves](curves.png)\n")
+  if results["table"]:
+    out.append("![Training curves](curves.png)\n")
   out.append("## What the numbers say\n")
   out.extend(f"- {line}" for line in results["summary"])
   return "\n".join(out) + "\n"
 
 
-def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(
-      description=__doc__.splitlines()[0],
-      formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--dataset", default="fashion_mnist",
-                 choices=sorted(data.DATASETS))
-  p.add_argument("--model", default="cifar_se_resnet20",
-                 help="an SE model of the registry; its plain twin is the"
-                      " baseline")
-  p.add_argument("--epochs", type=float, default=1.0)
-  p.add_argument("--seeds", default="0", type=common.parse_seeds,
-                 help="comma-separated seeds; each trains both networks")
-  p.add_argument("--batch-size", type=int, default=128)
-  p.add_argument("--lr", type=float, default=0.1)
-  p.add_argument("--quick", action="store_true",
-                 help="a smoke run: 4096 training and 1000 test images")
-  p.add_argument("--channels", type=int, default=50,
-                 help="channels sampled per block for the figures")
-  p.add_argument("--fig7-classes", default=None,
-                 help="two class indices for Fig. 7 (default: the pair whose"
-                      " last-block gate profiles differ most)")
-  p.add_argument("--data-dir", default=None, help="TFDS data_dir")
-  p.add_argument("--workdir", default="workdirs/recalibration")
-  p.add_argument("--report-dir",
-                 default=os.path.join(_HERE, "results", "recalibration"))
-  args = p.parse_args(argv)
-  if args.epochs <= 0:
-    p.error(f"--epochs must be positive, got {args.epochs}")
-  seeds = args.seeds
-  if args.model not in se_jax.models.names():
-    p.error(f"unknown --model {args.model!r}; SE models: " + ", ".join(
-        n for n in se_jax.models.names() if "se_" in n))
-  plain = baseline_name(args.model)
-  info = data.DATASETS[args.dataset]
-  if args.quick:
-    args.epochs = min(args.epochs, 1.0)
-    if args.report_dir == p.get_default("report_dir"):
-      args.report_dir = os.path.join(args.workdir, "report_quick")
-    args.workdir = os.path.join(args.workdir, "quick")
-  os.makedirs(args.report_dir, exist_ok=True)
-  prov = provenance()
-  t_start = time.perf_counter()
+def _load_weights(weights: str):
+  """A pretrained network: a checkpoint directory or a timm model name."""
+  if os.path.isdir(weights):
+    return se_jax.models.load_pretrained(weights)
+  from experiments import convert_timm
+  from se_jax import interop
+  try:
+    state_dict = convert_timm.download_state_dict(weights)
+  except convert_timm.ConversionError as e:
+    raise SystemExit(
+        f"--weights {weights!r} is neither a checkpoint directory nor a timm"
+        f" model that could be downloaded: {e}") from None
+  model = interop.from_timm(weights, state_dict)
+  return model, interop.timm_preprocessing(weights)
 
+
+def train_and_compare(args, info):
+  """Trains the plain and the SE network per seed; the Table 4 analogue."""
+  plain = baseline_name(args.model)
   table, runs = [], []
-  for seed in seeds:
+  for seed in args.seeds:
     for kind, model in (("baseline", plain), ("se", args.model)):
       config = make_config(args, model, seed)
       wd = os.path.join(args.workdir, f"{model}_seed{seed}_ep{args.epochs:g}")
@@ -356,55 +405,179 @@ def main(argv=None) -> dict:
                                              info.image_size, info.channels)),
           train_seconds=result["train_seconds"], workdir=wd))
       runs.append((f"{model} s{seed}", wd))
+  return table, runs
 
-  print("Reading the gates of the trained SE network...", file=sys.stderr,
-        flush=True)
-  seed = seeds[0]
-  config = make_config(args, args.model, seed)
-  model, _ = trainer.restore_model(
-      config, os.path.join(args.workdir,
-                           f"{args.model}_seed{seed}_ep{args.epochs:g}"))
+
+def _parse_ints(text: str | None, what: str, parser) -> list[int] | None:
+  if text is None:
+    return None
+  try:
+    return [int(k) for k in text.split(",") if k.strip()]
+  except ValueError:
+    parser.error(f"{what} must be comma-separated integers, got {text!r}")
+
+
+def main(argv=None) -> dict:
+  p = argparse.ArgumentParser(
+      description=__doc__.splitlines()[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--dataset", default="fashion_mnist",
+                 choices=sorted(data.DATASETS))
+  p.add_argument("--model", default="cifar_se_resnet20",
+                 help="an SE model of the registry; its plain twin is the"
+                      " baseline")
+  p.add_argument("--weights", default=None,
+                 help="analyse a pretrained network instead of training: a"
+                      " directory written by experiments.convert_timm, or a"
+                      " timm model name (e.g. legacy_seresnet50; needs the"
+                      " network and the torch extra)")
+  p.add_argument("--epochs", type=float, default=1.0)
+  p.add_argument("--seeds", default="0", type=common.parse_seeds,
+                 help="comma-separated seeds; each trains both networks")
+  p.add_argument("--batch-size", type=int, default=128)
+  p.add_argument("--lr", type=float, default=0.1)
+  p.add_argument("--quick", action="store_true",
+                 help="a smoke run: 4096 training and 1000 test images")
+  p.add_argument("--channels", type=int, default=50,
+                 help="channels sampled per block for the figures")
+  p.add_argument("--classes", default=None,
+                 help="class indices of the per-class analysis (default: the"
+                      " paper's four with --weights on imagenet2012, else"
+                      " all)")
+  p.add_argument("--images-per-class", type=int, default=None,
+                 help="at most this many images of each analysed class"
+                      " (default: 50 with --weights on imagenet2012)")
+  p.add_argument("--max-examples", type=int, default=None,
+                 help="evaluate only the first images of the split")
+  p.add_argument("--fig7-classes", default=None,
+                 help="two class indices for Fig. 7 (default: the paper's"
+                      " goldfish and plane on imagenet2012, else the pair"
+                      " whose last-block gate profiles differ most)")
+  p.add_argument("--data-dir", default=None, help="TFDS data_dir")
+  p.add_argument("--workdir", default="workdirs/recalibration")
+  p.add_argument("--report-dir",
+                 default=os.path.join(_HERE, "results", "recalibration"))
+  args = p.parse_args(argv)
+  if args.epochs <= 0:
+    p.error(f"--epochs must be positive, got {args.epochs}")
+  if args.weights is None and args.model not in se_jax.models.names():
+    p.error(f"unknown --model {args.model!r}; SE models: " + ", ".join(
+        n for n in se_jax.models.names() if "se_" in n))
+  if args.weights is None:
+    baseline_name(args.model)
+  classes = _parse_ints(args.classes, "--classes", p)
+  fig7 = _parse_ints(args.fig7_classes, "--fig7-classes", p)
+  if fig7 is not None and len(fig7) != 2:
+    p.error(f"--fig7-classes takes two classes, got {args.fig7_classes!r}")
+  protocol = paper.ROLE_OF_EXCITATION
+  papers_setting = args.weights is not None and args.dataset == "imagenet2012"
+  if papers_setting:
+    classes = classes or list(protocol["classes"])
+    fig7 = fig7 or list(protocol["fig7_classes"])
+    if args.images_per_class is None:
+      args.images_per_class = protocol["images_per_class"]
+  info = data.DATASETS[args.dataset]
+  if args.quick:
+    args.epochs = min(args.epochs, 1.0)
+    if args.report_dir == p.get_default("report_dir"):
+      args.report_dir = os.path.join(args.workdir, "report_quick")
+    args.workdir = os.path.join(args.workdir, "quick")
+  if args.weights is not None and args.report_dir == p.get_default(
+      "report_dir"):
+    name = os.path.basename(os.path.normpath(args.weights))
+    args.report_dir = os.path.join(_HERE, "results",
+                                   f"recalibration_{name}_{args.dataset}")
+  os.makedirs(args.report_dir, exist_ok=True)
+  prov = provenance()
+  t_start = time.perf_counter()
+
+  table, runs = [], []
+  if args.weights is None:
+    table, runs = train_and_compare(args, info)
+    print("Reading the gates of the trained SE network...", file=sys.stderr,
+          flush=True)
+    seed = args.seeds[0]
+    model, _ = trainer.restore_model(
+        make_config(args, args.model, seed),
+        os.path.join(args.workdir,
+                     f"{args.model}_seed{seed}_ep{args.epochs:g}"))
+    _, transform = data.make_transforms(info)
+    analysed = args.model
+    max_examples = 1000 if args.quick else args.max_examples
+  else:
+    print(f"Loading the pretrained weights {args.weights}...",
+          file=sys.stderr, flush=True)
+    model, preprocessing = _load_weights(args.weights)
+    transform = data.pretrained_transform(preprocessing)
+    analysed = os.path.basename(os.path.normpath(args.weights))
+    seed = None
+    max_examples = args.max_examples
+    print(f"Reading its gates on {args.dataset} ({info.eval_split})...",
+          file=sys.stderr, flush=True)
   source = data.get_source(args.dataset, info.eval_split,
                            data_dir=args.data_dir)
-  gates, labels = collect_gates(
-      model, source, info, batch_size=500,
-      max_examples=1000 if args.quick else None)
+  sample = collect_gates(model, source, transform,
+                         batch_size=500 if args.weights is None else 50,
+                         max_examples=max_examples, keep_classes=classes)
+  gates, labels = sample.gates, sample.labels
+  if args.images_per_class is not None:
+    keep = np.zeros(len(labels), bool)
+    for k in np.unique(labels):
+      keep[np.flatnonzero(labels == k)[:args.images_per_class]] = True
+    gates = {b: g[keep] for b, g in gates.items()}
+    labels = labels[keep]
+  if len(np.unique(labels)) < 2:
+    raise SystemExit(
+        f"found images of {len(np.unique(labels))} of the requested classes"
+        f" ({classes}) among {sample.images} images; the analysis needs two"
+        " or more.")
+  names = info.class_names or tuple(str(i) for i in range(info.num_classes))
+  if papers_setting:
+    names = tuple(protocol["classes"].get(i, n) for i, n in enumerate(names))
   blocks = selected_blocks(list(gates))
   rng = np.random.default_rng(0)
   channels = {b: np.sort(rng.choice(gates[b].shape[1],
                                     min(args.channels, gates[b].shape[1]),
                                     replace=False)) for b in gates}
   stats = {b: gate_statistics(gates[b], labels)._asdict() for b in gates}
-  names = info.class_names or tuple(str(i) for i in range(info.num_classes))
-  if args.fig7_classes:
-    pair = [int(k) for k in args.fig7_classes.split(",")]
+  if fig7 is not None:
+    pair = fig7
   else:
-    _, mean, _ = class_gate_profiles(gates[blocks[-1]], labels)
+    present, mean, _ = class_gate_profiles(gates[blocks[-1]], labels)
     d = ((mean[:, None] - mean[None]) ** 2).sum(-1)
-    pair = list(np.unravel_index(np.argmax(d), d.shape))
-  pair = [int(k) for k in pair]
+    pair = [int(present[i]) for i in np.unravel_index(np.argmax(d), d.shape)]
+  missing = sorted(set(pair) - set(np.unique(labels).tolist()))
+  if missing:
+    raise SystemExit(f"--fig7-classes {missing} have no analysed images.")
 
-  title = f"{args.model} on {args.dataset}"
-  _plot_fig6(gates, labels, blocks, names, channels,
+  title = f"{analysed} on {args.dataset}"
+  _plot_fig6(gates, labels, sample.overall, blocks, names, channels,
              os.path.join(args.report_dir, "fig6_class_gates.png"), title)
   _plot_fig7(gates, labels, blocks, pair, names, channels,
              os.path.join(args.report_dir, "fig7_within_class.png"), title)
-  plot_curves(runs, os.path.join(args.report_dir, "curves.png"))
+  if runs:
+    plot_curves(runs, os.path.join(args.report_dir, "curves.png"))
 
   results = dict(
-      dataset=args.dataset, table=table, blocks=blocks,
-      analysed_model=args.model, analysed_seed=seed, images=int(len(labels)),
-      gate_stats=stats, all_blocks=list(gates),
+      dataset=args.dataset, split=info.eval_split, table=table, blocks=blocks,
+      analysed_model=analysed, analysed_seed=seed, weights=args.weights,
+      images=sample.images, kept_images=int(len(labels)),
+      top1_err=sample.top1_err, gate_stats=stats, all_blocks=list(gates),
+      classes=[int(k) for k in np.unique(labels)],
+      class_names=[names[k] for k in np.unique(labels)],
       channels_per_block={b: int(gates[b].shape[1]) for b in gates},
+      sampled_channels={b: channels[b].tolist() for b in blocks},
       class_means={b: class_gate_profiles(gates[b], labels)[1].tolist()
                    for b in blocks},
+      overall_means={b: sample.overall[b].tolist() for b in blocks},
       fig7_classes=[names[k] for k in pair],
-      recipe=(f"SGD momentum 0.9, weight decay 1e-4 on weights, batch"
-              f" {args.batch_size}, lr {args.lr} with cosine decay,"
-              f" {args.epochs:g} epochs"
-              + (" on 4096 training images (--quick)" if args.quick else "")
-              + f", seed(s) {', '.join(map(str, seeds))}; the recipe's"
-              f" augmentation for {args.dataset}"),
+      recipe=None if args.weights else (
+          f"SGD momentum 0.9, weight decay 1e-4 on weights, batch"
+          f" {args.batch_size}, lr {args.lr} with cosine decay,"
+          f" {args.epochs:g} epochs"
+          + (" on 4096 training images (--quick)" if args.quick else "")
+          + f", seed(s) {', '.join(map(str, args.seeds))}; the recipe's"
+          f" augmentation for {args.dataset}"),
       wall_seconds=time.perf_counter() - t_start,
   )
   results["summary"] = describe(results)

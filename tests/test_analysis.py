@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from experiments import data, recalibration
 from se_jax.analysis import class_gate_profiles, gate_statistics
@@ -151,3 +152,43 @@ def test_ablation_variants_of_one_network_share_runs():
   others = {key(dict(reduction=8.0)), key(dict(se_stages=(2,))),
             key(dict(squeeze="max")), key(None)}
   assert len(others) == 4 and not others & same
+
+
+def test_pretrained_weights_follow_the_papers_protocol(tmp_path, monkeypatch):
+  # A random-weight SE-ResNet-50 in the paper's layout and a stand-in for
+  # ImageNet's validation split: six images of each of the paper's classes
+  # and of one other class. Small images keep the test fast.
+  from experiments import paper
+  from se_jax.models import Preprocessing, capture_gates, create
+  from se_jax.models import save_pretrained
+  model = create("legacy_se_resnet50", rngs=nnx.Rngs(3))
+  pre = Preprocessing((0.5, 0.4, 0.3), (0.2, 0.2, 0.2), (64, 64), 0.875,
+                      "bicubic")
+  ckpt = save_pretrained(str(tmp_path / "ckpt"), model,
+                         name="legacy_se_resnet50", preprocessing=pre)
+  classes = list(paper.ROLE_OF_EXCITATION["classes"])
+  labels = np.repeat(classes + [5], 6)
+  images = np.random.default_rng(0).integers(
+      0, 256, (len(labels), 80, 96, 3), dtype=np.uint8)
+  source = data.ArraySource(images, labels)
+  monkeypatch.setattr(data, "get_source", lambda *a, **k: source)
+  results = recalibration.main([
+      "--weights", ckpt, "--dataset", "imagenet2012", "--images-per-class",
+      "4", "--report-dir", str(tmp_path / "report")])
+  assert results["blocks"] == list(paper.ROLE_OF_EXCITATION["blocks"])
+  assert results["classes"] == classes and results["kept_images"] == 16
+  assert results["images"] == len(labels) and results["table"] == []
+  assert results["class_names"] == ["goldfish", "pug", "airliner", "cliff"]
+  assert results["fig7_classes"] == ["goldfish", "airliner"]
+  # The "all" line is the mean over every evaluated image, other classes
+  # included, computed here independently.
+  transform = data.pretrained_transform(pre)
+  x = np.stack([transform({"image": im, "label": 0})["image"]
+                for im in images])
+  want = capture_gates(model, x)["SE_5_3"].mean(0)
+  np.testing.assert_allclose(results["overall_means"]["SE_5_3"], want,
+                             rtol=1e-4, atol=1e-5)
+  report = tmp_path / "report"
+  text = (report / "report.md").read_text()
+  assert "pretrained weights" in text and "goldfish" in text
+  assert (report / "fig6_class_gates.png").stat().st_size > 0

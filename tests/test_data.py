@@ -157,3 +157,23 @@ def test_eval_batches_cover_every_example_once():
   assert mask.sum() == 21 and mask[:21].all()
   labels = np.concatenate([b["label"] for b in batches])[:21]
   np.testing.assert_array_equal(labels, np.arange(21) % 10)
+
+
+@pytest.mark.parametrize("interpolation,crop,shape", [
+    ("bilinear", 0.875, (300, 400, 3)), ("bicubic", 0.95, (375, 250, 3))])
+def test_pretrained_transform_matches_timms_evaluation(interpolation, crop,
+                                                       shape):
+  pytest.importorskip("timm", reason="the torch extra is not installed")
+  from PIL import Image
+  from timm.data import create_transform
+  from se_jax.models import Preprocessing
+  mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+  pre = Preprocessing(mean, std, (224, 224), crop, interpolation)
+  image = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+  ours = data.pretrained_transform(pre)({"image": image, "label": 7})
+  theirs = create_transform(input_size=(3, 224, 224), crop_pct=crop,
+                            interpolation=interpolation, mean=mean, std=std)(
+                                Image.fromarray(image))
+  assert ours["label"] == 7
+  np.testing.assert_allclose(ours["image"],
+                             theirs.numpy().transpose(1, 2, 0), atol=1e-5)

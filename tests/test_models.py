@@ -111,6 +111,15 @@ def test_capture_gates_under_jit():
     np.testing.assert_allclose(jitted[k], eager[k], rtol=1e-5, atol=1e-6)
 
 
+def test_capture_gates_with_the_outputs_of_the_same_pass():
+  model = create("cifar_se_resnet20", num_classes=10)
+  x = _images()
+  logits, gates = capture_gates(model, x, with_outputs=True)
+  np.testing.assert_allclose(logits, nnx.view(
+      model, use_running_average=True)(x), rtol=1e-5, atol=1e-5)
+  assert gates.keys() == capture_gates(model, x).keys()
+
+
 def test_capture_gates_needs_se_blocks():
   with pytest.raises(ValueError, match="no SqueezeExcite blocks"):
     capture_gates(create("cifar_resnet20"), _images())
