@@ -55,24 +55,11 @@ TIMM_MODELS: dict[str, str] = {
     **{f"resnext{d}_32x4d": f"resnext{d}_32x4d" for d in (50, 101)},
     **{f"seresnet{d}": f"se_resnet{d}" for d in _DEPTHS},
     **{f"seresnext{d}_32x4d": f"se_resnext{d}_32x4d" for d in (50, 101)},
-    **{f"legacy_seresnet{d}": f"legacy_se_resnet{d}" for d in (50, 101, 152)},
+    **{f"legacy_seresnet{d}": f"legacy_se_resnet{d}" for d in _DEPTHS},
     **{f"legacy_seresnext{d}_32x4d": f"legacy_se_resnext{d}_32x4d"
        for d in (50, 101)},
 }
 """timm model name -> se_jax registry name, for every supported model."""
-
-# timm/models/senet.py's SEResNetBlock (legacy_seresnet18/34) applies a ReLU
-# between the residual branch's last BatchNorm and SE; se_jax's basic unit
-# feeds that BatchNorm's output to SE, as timm's seresnet18/34 do.
-_UNSUPPORTED = {
-    f"legacy_seresnet{d}": (
-        f"timm's legacy_seresnet{d} applies a ReLU between its basic units'"
-        " last BatchNorm and SE (timm/models/senet.py, SEResNetBlock), which"
-        f" se_jax's ResidualUnit does not, so se_jax's legacy_se_resnet{d}"
-        " computes another function and its weights cannot be converted."
-    )
-    for d in (18, 34)
-}
 
 # timm's BatchNorm2d entries, in its state_dict order.
 _BN = {"scale": "weight", "bias": "bias", "mean": "running_mean",
@@ -190,8 +177,6 @@ def _resolve(name: str) -> tuple[str, str]:
   if not isinstance(name, str):
     raise TypeError(f"name must be a timm model name, got {name!r}.")
   arch = name.partition(".")[0]
-  if arch in _UNSUPPORTED:
-    raise ValueError(_UNSUPPORTED[arch])
   if arch not in TIMM_MODELS:
     raise ValueError(
         f"timm model {arch!r} has no se_jax counterpart; supported:"

@@ -29,16 +29,7 @@ ISSUE_NAMES = [
     *(f"legacy_seresnet{d}" for d in (18, 34, 50, 101, 152)),
     "legacy_seresnext50_32x4d", "legacy_seresnext101_32x4d",
 ]
-# se_jax's basic unit lacks the ReLU that timm's legacy SEResNetBlock puts
-# before SE (interop._UNSUPPORTED); converting them is refused, not wrong.
-LEGACY_BASIC = ["legacy_seresnet18", "legacy_seresnet34"]
-PARITY = [
-    pytest.param(n, marks=pytest.mark.xfail(
-        strict=True, raises=ValueError,
-        reason="se_jax's ResidualUnit has no ReLU before SE in basic units"))
-    if n in LEGACY_BASIC else n
-    for n in [*ISSUE_NAMES, "resnext50_32x4d", "resnext101_32x4d"]
-]
+PARITY = [*ISSUE_NAMES, "resnext50_32x4d", "resnext101_32x4d"]
 IMAGE = (2, 64, 64, 3)  # NHWC; 64 is small and fine for the ceil-mode stem.
 PREPROCESSING = Preprocessing((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), (224, 224),
                               0.875, "bilinear")
@@ -145,8 +136,7 @@ def _assert_same_state(a, b):
 
 
 def test_every_name_of_the_issue_maps_to_a_registry_model():
-  supported = set(ISSUE_NAMES) - set(LEGACY_BASIC)
-  assert supported <= set(interop.TIMM_MODELS)
+  assert set(ISSUE_NAMES) <= set(interop.TIMM_MODELS)
   assert set(interop.TIMM_MODELS.values()) <= set(names())
 
 
@@ -249,9 +239,12 @@ def test_unsupported_names_and_layouts_are_refused():
   with pytest.raises(ValueError, match="'vit_base_patch16_224' has no se_jax"
                      " counterpart; supported: legacy_seresnet101"):
     interop.from_timm("vit_base_patch16_224", {})
-  for name in LEGACY_BASIC:
-    with pytest.raises(ValueError, match="applies a ReLU between"):
-      interop.from_timm(name, {})
+  # timm's legacy SE-ResNet-18/34 have a ReLU before SE in their basic
+  # units; without it the shapes are the same and the function is not.
+  model = nnx.eval_shape(lambda: create("legacy_se_resnet18",
+                                        relu_before_se=False))
+  with pytest.raises(ValueError, match="relu_before_se"):
+    interop.to_timm("legacy_seresnet18", model)
   # seresnet50 and legacy_seresnet50 have the same shapes but stride in
   # different convolutions.
   model = nnx.eval_shape(lambda: create("se_resnet50"))

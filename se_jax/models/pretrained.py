@@ -32,7 +32,8 @@ _FORMAT = "se_jax.pretrained/1"
 # parameter shapes alone (e.g. timm's seresnet50 and legacy_seresnet50 have
 # identical shapes and differ in where they stride).
 _LAYOUT_ATTRIBUTES = (
-    "stem_kind", "ceil_pool", "preact", "integration", "position", "mid",
+    "stem_kind", "ceil_pool", "preact", "relu_before_se", "integration",
+    "position", "mid",
     "strides", "padding", "groups", "feature_group_count", "squeeze",
     "activation", "gate", "no_squeeze", "momentum", "epsilon",
 )

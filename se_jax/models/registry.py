@@ -13,8 +13,9 @@ from se_jax.models.resnet import ResNet, SEConfig
 __all__ = ["MODEL_OPTIONS", "SE_OPTIONS", "create", "names", "register"]
 
 SE_OPTIONS = tuple(SEConfig._fields)
-MODEL_OPTIONS = ("stride", "ceil_pool", "preact", "in_channels", "dtype",
-                 "widths", "stem_width", "stage_sizes")
+MODEL_OPTIONS = ("stride", "ceil_pool", "preact", "relu_before_se",
+                 "in_channels", "dtype", "widths", "stem_width",
+                 "stage_sizes")
 
 
 class _Entry(NamedTuple):
@@ -63,8 +64,9 @@ def create(
     **overrides: SE options (``reduction``, ``rounding``, ``se_bias``,
       ``squeeze``, ``activation``, ``gate``, ``integration``, ``position``,
       ``se_stages``, ``no_squeeze``) for a model with SE, and model options
-      (``stride``, ``ceil_pool``, ``preact``, ``in_channels``, ``dtype``,
-      ``widths``, ``stem_width``, ``stage_sizes``) for any model.
+      (``stride``, ``ceil_pool``, ``preact``, ``relu_before_se``,
+      ``in_channels``, ``dtype``, ``widths``, ``stem_width``,
+      ``stage_sizes``) for any model.
 
   Returns:
     The `ResNet` module, in training mode.
@@ -122,8 +124,10 @@ for _depth, (_block, _sizes) in _IMAGENET.items():
   _build = functools.partial(ResNet, block=_block, stage_sizes=_sizes)
   register(f"resnet{_depth}", _build)
   register(f"se_resnet{_depth}", _build, _TIMM_SE)
+  # timm's legacy SE-ResNet-18/34 put a ReLU before SE in their basic units.
   register(f"legacy_se_resnet{_depth}",
-           functools.partial(_build, stride="caffe"), _PAPER_SE)
+           functools.partial(_build, stride="caffe",
+                             relu_before_se=_block == "basic"), _PAPER_SE)
 
 for _depth in (50, 101):
   _build = functools.partial(

@@ -127,6 +127,9 @@ class ResidualUnit(nnx.Module):
     groups: cardinality of the 3x3 conv (ResNeXt).
     base_width: width per group at planes=64 (ResNeXt's "d").
     preact: BN-ReLU-conv ordering (He et al., ECCV 2016).
+    relu_before_se: a ReLU between the residual branch's last BN and what
+      follows it (SE and the addition), as in the basic units of timm's
+      ``legacy_seresnet18/34`` (timm/models/senet.py, SEResNetBlock).
     se: an `SEConfig`, or None for a unit without SE.
     tag: name of the unit's SE gates, e.g. ``"SE_2_1"``.
     dtype: compute dtype.
@@ -136,7 +139,8 @@ class ResidualUnit(nnx.Module):
   def __init__(
       self, in_channels: int, planes: int, *, block: str = "basic",
       stride: int = 1, stride_on: str = "v1.5", groups: int = 1,
-      base_width: int = 64, preact: bool = False, se: SEConfig | None = None,
+      base_width: int = 64, preact: bool = False,
+      relu_before_se: bool = False, se: SEConfig | None = None,
       tag: str = "gates", dtype=None, rngs: nnx.Rngs,
   ):
     _check_choice("block", block, BLOCKS)
@@ -158,7 +162,12 @@ class ResidualUnit(nnx.Module):
                 (width, out, 1, 1, 1)]
       self.mid = 1
     self.out_channels = out
+    if relu_before_se and preact:
+      raise ValueError(
+          "relu_before_se needs a BN at the end of the residual branch;"
+          " pre-activation units have none.")
     self.preact = preact
+    self.relu_before_se = relu_before_se
     self.convs = nnx.List([
         _conv(ci, co, k, stride=s, groups=g, dtype=dtype, rngs=rngs)
         for ci, co, k, s, g in shapes
@@ -219,6 +228,8 @@ class ResidualUnit(nnx.Module):
           h = self.se(h)
       elif not self.preact:
         h = self.norms[i](h)
+        if self.relu_before_se:
+          h = nnx.relu(h)
     if self._se_at("standard"):
       h = self.se(h)
     if self._se_at("identity"):
@@ -261,6 +272,7 @@ class ResNet(nnx.Module):
     groups: ResNeXt cardinality.
     base_width: ResNeXt width per group at planes=64.
     preact: pre-activation units (and a final BN-ReLU before pooling).
+    relu_before_se: see `ResidualUnit`.
     se: an `SEConfig`, or None for the plain network.
     num_classes: classifier outputs.
     in_channels: channels of the input images.
@@ -277,9 +289,9 @@ class ResNet(nnx.Module):
       widths: Sequence[int] | None = None, stem: str = "imagenet",
       stem_width: int | None = None, stride: str = "v1.5",
       ceil_pool: bool | None = None, groups: int = 1, base_width: int = 64,
-      preact: bool = False, se: SEConfig | None = None,
-      num_classes: int = 1000, in_channels: int = 3, dtype=None,
-      rngs: nnx.Rngs,
+      preact: bool = False, relu_before_se: bool = False,
+      se: SEConfig | None = None, num_classes: int = 1000,
+      in_channels: int = 3, dtype=None, rngs: nnx.Rngs,
   ):
     _check_choice("stem", stem, STEMS)
     _check_choice("stride", stride, STRIDES)
@@ -339,7 +351,8 @@ class ResNet(nnx.Module):
         stride_ij = 2 if (j == 0 and i > 0) else 1
         unit = ResidualUnit(
             c, planes, block=block, stride=stride_ij, stride_on=stride,
-            groups=groups, base_width=base_width, preact=preact, se=stage_se,
+            groups=groups, base_width=base_width, preact=preact,
+            relu_before_se=relu_before_se, se=stage_se,
             tag=f"SE_{stage_no}_{j + 1}", dtype=dtype, rngs=rngs,
         )
         c = unit.out_channels
