@@ -443,9 +443,10 @@ def section_kernels(cfg) -> dict:
     if cfg["torch"]:
       torch = _torch()
       device = _torch_device(torch)
-      xt = torch.randn(batch, cin, h, h, device=device)
-      wt = torch.randn(cout, cin, 3, 3, device=device)
-      dyt = torch.randn(batch, cout, ho, ho, device=device)
+      tdtype = torch.bfloat16 if cfg["bf16"] else torch.float32
+      xt = torch.randn(batch, cin, h, h, device=device, dtype=tdtype)
+      wt = torch.randn(cout, cin, 3, 3, device=device, dtype=tdtype)
+      dyt = torch.randn(batch, cout, ho, ho, device=device, dtype=tdtype)
       bwd = functools.partial(
           torch.ops.aten.convolution_backward, dyt, xt, wt, None,
           (stride, stride), (1, 1), (1, 1), False, (0, 0), 1)
