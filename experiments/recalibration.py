@@ -374,9 +374,10 @@ def _load_weights(weights: str):
   except convert_timm.ConversionError as e:
     raise SystemExit(
         f"--weights {weights!r} is neither a checkpoint directory nor a timm"
-        f" model that could be downloaded: {e}") from None
-  model = interop.from_timm(weights, state_dict)
-  return model, interop.timm_preprocessing(weights)
+        f" model that could be downloaded: {e} Here: convert the weights"
+        " with python -m experiments.convert_timm (which reads a file"
+        " offline) and pass its --out directory as --weights.") from None
+  return interop.from_timm(weights, state_dict)
 
 
 def train_and_compare(args, info):
@@ -487,7 +488,6 @@ def main(argv=None) -> dict:
     name = os.path.basename(os.path.normpath(args.weights))
     args.report_dir = os.path.join(_HERE, "results",
                                    f"recalibration_{name}_{args.dataset}")
-  os.makedirs(args.report_dir, exist_ok=True)
   prov = provenance()
   t_start = time.perf_counter()
 
@@ -551,6 +551,7 @@ def main(argv=None) -> dict:
     raise SystemExit(f"--fig7-classes {missing} have no analysed images.")
 
   title = f"{analysed} on {args.dataset}"
+  os.makedirs(args.report_dir, exist_ok=True)
   _plot_fig6(gates, labels, sample.overall, blocks, names, channels,
              os.path.join(args.report_dir, "fig6_class_gates.png"), title)
   _plot_fig7(gates, labels, blocks, pair, names, channels,
