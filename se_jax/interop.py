@@ -42,7 +42,7 @@ from flax import nnx
 
 from se_jax.models.pretrained import Preprocessing
 from se_jax.models.pretrained import _abstract
-from se_jax.models.pretrained import _layout_difference
+from se_jax.models.pretrained import _check_matches
 from se_jax.models.resnet import ResNet
 
 __all__ = ["TIMM_MODELS", "from_timm", "se_jax_name", "timm_preprocessing",
@@ -382,17 +382,8 @@ def to_timm(name: str, model: ResNet) -> dict[str, Any]:
     ImportError: if PyTorch is not installed.
   """
   arch, se_name = _resolve(name)
-  if not isinstance(model, ResNet):
-    raise TypeError(
-        f"model must be an se_jax.models.ResNet, got {type(model).__name__}."
-    )
-  reference = _abstract(se_name, model.fc.out_features, model.in_channels)
-  difference = _layout_difference(model, reference)
-  if difference is not None:
-    raise ValueError(
-        f"model is not se_jax's {se_name!r}, the counterpart of timm's"
-        f" {arch!r}: {difference}."
-    )
+  _check_matches(model, se_name, "to_timm",
+                 f", the counterpart of timm's {arch!r}")
   torch = _import_torch()
   values = {tuple(path): var[...]
             for path, var in nnx.to_flat_state(nnx.state(model))}

@@ -248,9 +248,10 @@ def test_unsupported_names_and_layouts_are_refused():
   # seresnet50 and legacy_seresnet50 have the same shapes but stride in
   # different convolutions.
   model = nnx.eval_shape(lambda: create("se_resnet50"))
-  with pytest.raises(ValueError, match=r"not se_jax's 'legacy_se_resnet50'"
-                     r".*: stages/1/0/convs/0 has strides \(1, 1\),"
-                     r" expected \(2, 2\)"):
+  with pytest.raises(ValueError, match=r"layout of se_jax's"
+                     r" 'legacy_se_resnet50', the counterpart of timm's"
+                     r" 'legacy_seresnet50': stages/1/0/convs/0 has strides"
+                     r" \(1, 1\), expected \(2, 2\)"):
     interop.to_timm("legacy_seresnet50", model)
 
 

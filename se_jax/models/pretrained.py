@@ -134,7 +134,9 @@ def _layout_difference(model: nnx.Module, reference: nnx.Module) -> str | None:
   return None
 
 
-def _check_matches(model: ResNet, name: str, what: str) -> None:
+def _check_matches(model: ResNet, name: str, what: str,
+                   counterpart: str = "") -> None:
+  """Raises unless `model` is the registry's `name` (for `what`)."""
   if not isinstance(model, ResNet):
     raise TypeError(
         f"{what} takes an se_jax.models.ResNet, got {type(model).__name__}."
@@ -143,7 +145,8 @@ def _check_matches(model: ResNet, name: str, what: str) -> None:
   difference = _layout_difference(model, reference)
   if difference is not None:
     raise ValueError(
-        f"model does not have the layout of se_jax's {name!r}: {difference}."
+        f"model does not have the layout of se_jax's {name!r}{counterpart}:"
+        f" {difference}."
     )
 
 
