@@ -69,10 +69,10 @@ def run_key(config) -> str:
   build the same network (r = 16, avg, sigmoid, all stages, standard
   integration) share one key, and one run per seed.
   """
-  recipe = json.loads(config.to_json_best_effort())
-  recipe.pop("seed")
+  what = trainer.recipe(config)
+  what.pop("seed")
   digest = hashlib.sha256(
-      json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:10]
+      json.dumps(what, sort_keys=True).encode()).hexdigest()[:10]
   return f"{config.model}-{digest}"
 
 

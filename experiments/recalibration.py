@@ -78,7 +78,6 @@ def make_config(args, model: str, seed: int):
       max_train_examples=4096 if args.quick else None,
       max_eval_examples=1000 if args.quick else None)
   c.log_every_steps = 20
-  c.num_threads = 4
   c.data_dir = args.data_dir
   c.lock()
   return c
@@ -138,7 +137,8 @@ def collect_gates(model, source, transform, *, batch_size: int,
   sums: dict[str, np.ndarray] = {}
   labels, images, correct = [], 0, 0
   for batch in data.eval_batches(source, transform, global_batch=batch_size,
-                                 max_examples=max_examples):
+                                 max_examples=max_examples,
+                                 num_threads=data.input_threads(None)):
     valid = batch["mask"] > 0
     logits, out = capture(state, batch["image"])
     y = batch["label"]

@@ -40,10 +40,9 @@ from experiments.provenance import provenance
 from se_jax import compiler_options
 from se_jax.models import create
 
-__all__ = ["NonFiniteLossError", "WorkdirLockedError", "build_model",
-           "finished_result", "make_optimizer", "make_schedule",
-           "restore_model",
-           "train_and_evaluate"]
+__all__ = ["EXECUTION_KEYS", "NonFiniteLossError", "WorkdirLockedError",
+           "build_model", "finished_result", "make_optimizer",
+           "make_schedule", "recipe", "restore_model", "train_and_evaluate"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -374,6 +373,7 @@ def _run(config, workdir):
 
   train_tf, eval_tf = data.make_transforms(info, flip=config.augment_flip,
                                            pad=config.augment_pad)
+  threads = data.input_threads(config.num_threads)
 
   def to_global(batch):
     return {k: jax.make_array_from_process_local_data(batch_sharding, v)
@@ -386,7 +386,7 @@ def _run(config, workdir):
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         max_examples=config.max_eval_examples,
-        num_threads=config.num_threads):
+        num_threads=threads):
       out = eval_step(state, to_global(batch))
       totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = jax.device_get(totals)
@@ -403,7 +403,7 @@ def _run(config, workdir):
       train_src, train_tf, global_batch=config.batch_size, seed=config.seed,
       start_step=start, process_index=jax.process_index(),
       process_count=jax.process_count(),
-      max_examples=config.max_train_examples, num_threads=config.num_threads)
+      max_examples=config.max_train_examples, num_threads=threads)
 
   pending: list[tuple[int, dict]] = []
 
@@ -477,18 +477,32 @@ def _run(config, workdir):
   return result
 
 
+# Settings that change how a run executes, not what it computes: the batches
+# are a function of (seed, step) whatever the input threads, and where the
+# data lives or whether a progress bar shows changes no number.
+EXECUTION_KEYS = ("num_threads", "progress", "distributed", "data_dir")
+
+
+def recipe(config: ml_collections.ConfigDict | dict) -> dict:
+  """`config` as a dict without its `EXECUTION_KEYS`: what a run computes."""
+  if isinstance(config, ml_collections.ConfigDict):
+    config = json.loads(config.to_json_best_effort())
+  return {k: v for k, v in config.items() if k not in EXECUTION_KEYS}
+
+
 def finished_result(config: ml_collections.ConfigDict,
                     workdir: str) -> dict[str, Any] | None:
-  """The final metrics of a finished run of exactly `config`, if any.
+  """The final metrics of a finished run of `config`'s recipe, if any.
 
-  Lets a study reuse runs that completed earlier; a run with another config
-  in the same workdir does not count.
+  Lets a study reuse runs that completed earlier; a run with another recipe
+  in the same workdir does not count (settings of `EXECUTION_KEYS` may
+  differ).
   """
   try:
     with open(os.path.join(workdir, "final.json")) as f:
       final = json.load(f)
     with open(os.path.join(workdir, "config.json")) as f:
-      same = json.load(f) == json.loads(config.to_json_best_effort())
+      same = recipe(json.load(f)) == recipe(config)
   except (OSError, ValueError):
     return None
   return final if same else None

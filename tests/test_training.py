@@ -290,3 +290,21 @@ def test_bfloat16_compute_with_float32_parameters(tmp_path):
   with pytest.raises(ValueError, match=r"compute_dtype must be .* 'fp16'"):
     trainer.train_and_evaluate(_tiny_config(compute_dtype="fp16"),
                                str(tmp_path / "bad"))
+
+
+@needs_fmnist
+def test_a_finished_run_is_reused_whatever_its_execution_settings(tmp_path):
+  wd = str(tmp_path)
+  first = trainer.train_and_evaluate(
+      _tiny_config(num_train_steps=2, num_threads=2), wd)
+  assert trainer.finished_result(
+      _tiny_config(num_train_steps=2, num_threads=None, progress=True),
+      wd) == first
+  assert trainer.finished_result(
+      _tiny_config(num_train_steps=2, learning_rate=0.5), wd) is None
+
+
+def test_input_threads_default_to_the_training_thread_on_cpus():
+  assert data.input_threads(3) == 3
+  assert data.input_threads(None) == (0 if jax.default_backend() == "cpu"
+                                      else 8)

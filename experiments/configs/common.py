@@ -58,7 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.image_size = config_dict.placeholder(int)  # ImageNet crop size.
   c.max_train_examples = config_dict.placeholder(int)
   c.max_eval_examples = config_dict.placeholder(int)
-  c.num_threads = 8
+  # Input threads; None: 0 on CPUs, 8 with accelerators (data.input_threads).
+  c.num_threads = config_dict.placeholder(int)
 
   c.seed = 0
   c.log_every_steps = 50
@@ -131,7 +132,6 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.max_eval_examples = 16
   c.log_every_steps = 1
   c.checkpoint_every_steps = 3
-  c.num_threads = 2
   c.progress = False
   if c.dataset == "imagenet2012":
     c.image_size = 64
