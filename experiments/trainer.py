@@ -484,10 +484,18 @@ EXECUTION_KEYS = ("num_threads", "progress", "distributed", "data_dir")
 
 
 def recipe(config: ml_collections.ConfigDict | dict) -> dict:
-  """`config` as a dict without its `EXECUTION_KEYS`: what a run computes."""
+  """What a run of `config` computes, as a dict.
+
+  The config without its `EXECUTION_KEYS`, and without the model options
+  left at None (the model's default), so that a model option added later
+  does not make earlier runs look different.
+  """
   if isinstance(config, ml_collections.ConfigDict):
     config = json.loads(config.to_json_best_effort())
-  return {k: v for k, v in config.items() if k not in EXECUTION_KEYS}
+  out = {k: v for k, v in config.items() if k not in EXECUTION_KEYS}
+  out["model_options"] = {k: v for k, v in out["model_options"].items()
+                          if v is not None}
+  return out
 
 
 def finished_result(config: ml_collections.ConfigDict,

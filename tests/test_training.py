@@ -302,6 +302,14 @@ def test_a_finished_run_is_reused_whatever_its_execution_settings(tmp_path):
       wd) == first
   assert trainer.finished_result(
       _tiny_config(num_train_steps=2, learning_rate=0.5), wd) is None
+  # A run from before a model option existed (left at None) still counts.
+  path = os.path.join(wd, "config.json")
+  with open(path) as f:
+    saved = json.load(f)
+  assert saved["model_options"].pop("relu_before_se") is None
+  with open(path, "w") as f:
+    json.dump(saved, f)
+  assert trainer.finished_result(_tiny_config(num_train_steps=2), wd) == first
 
 
 def test_input_threads_default_to_the_training_thread_on_cpus():
