@@ -272,7 +272,9 @@ def test_bfloat16_compute():
       r"position='3x3' .* needs integration='standard'"),
      (dict(name="cifar_se_resnet20", reduction=32),
       r"reduction=32 leaves 0 channels for channels=16"),
-     (dict(name="resnet50", stride="v2"), r"stride must be one of")],
+     (dict(name="resnet50", stride="v2"), r"stride must be one of"),
+     (dict(name="se_wrn16_8", relu_before_se=True),
+      r"relu_before_se needs a BN .* pre-activation units have none")],
 )
 def test_bad_options(kwargs, match):
   with pytest.raises(ValueError, match=match):
