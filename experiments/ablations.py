@@ -141,6 +141,7 @@ def to_markdown(rows, prov, args) -> str:
         f"| {r['group']} | {r['variant']} | {r['mean']:.2f} +- {r['std']:.2f}"
         f" | {each} | {r['params']:,} | {r['macs']:,} |"
         f" {r['paper_top1']:.2f} / {r['paper_top5']:.2f} |")
+  out.append("\n![Test error of each variant](ablations.png)")
   shared: dict[str, list[str]] = {}
   for r in rows:
     shared.setdefault(r["run_key"], []).append(
@@ -173,6 +174,37 @@ def to_markdown(rows, prov, args) -> str:
              "; at this scale the other differences are within seed noise")
           + ".")
   return "\n".join(out) + "\n"
+
+
+def plot(rows, path: str, title: str) -> None:
+  """Test error of each variant: mean +- std, each seed a dot, and the
+  network without SE as a vertical band (its mean +- std)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7.0, 0.32 * len(rows) + 1.4))
+  y = np.arange(len(rows))[::-1]
+  groups = list(dict.fromkeys(r["group"] for r in rows))
+  cmap = plt.get_cmap("tab10")
+  for yi, r in zip(y, rows):
+    color = cmap(groups.index(r["group"]) % cmap.N)
+    ax.errorbar(r["mean"], yi, xerr=r["std"], fmt="o", color=color,
+                capsize=3, ms=5)
+    ax.plot(r["test_err"], [yi] * len(r["test_err"]), "x", color=color,
+            ms=4, alpha=0.6)
+  base = [r for r in rows if r["group"] == "baseline"]
+  if base:
+    b = base[0]
+    ax.axvspan(b["mean"] - b["std"], b["mean"] + b["std"], color="0.85",
+               zorder=0)
+    ax.axvline(b["mean"], color="0.4", ls="--", lw=1, zorder=0)
+  ax.set_yticks(y, [f"{r['group']}: {r['variant']}" for r in rows],
+                fontsize=8)
+  ax.set_xlabel("test error (%): mean +- std over seeds, x = each seed")
+  ax.set_title(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -225,6 +257,8 @@ def main(argv=None):
   files.write_json(os.path.join(args.report_dir, "ablations.json"),
                    {"provenance": prov, "rows": rows,
                     "wall_seconds": time.perf_counter() - t0})
+  plot(rows, os.path.join(args.report_dir, "ablations.png"),
+       f"{args.model} on {args.dataset}; band: {args.baseline}")
   files.write_atomic(os.path.join(args.report_dir, "ablations.md"), md)
   print(md)
   return rows

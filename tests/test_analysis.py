@@ -131,7 +131,8 @@ def test_ablations_run_resume_and_report(tmp_path, capsys):
   assert rows[0]["params"] < rows[1]["params"] == rows[2]["params"]
   assert rows[2]["paper_top1"] == 22.57
   text = (tmp_path / "report" / "ablations.md").read_text()
-  assert "| squeeze | max |" in text
+  assert "| squeeze | max |" in text and "(ablations.png)" in text
+  assert (tmp_path / "report" / "ablations.png").stat().st_size > 0
   capsys.readouterr()
   again = ablations.main(args)
   assert "->" not in capsys.readouterr().err  # nothing was trained again
