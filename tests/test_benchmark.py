@@ -1,7 +1,10 @@
 """The benchmark's timing, target checks and report, on small inputs."""
 
 import json
+import types
 
+import jax
+import jax.numpy as jnp
 import pytest
 from flax import nnx
 
@@ -58,6 +61,18 @@ def test_targets_are_checked_from_the_measured_ratios():
       "devices": "1 x cpu", "versions": {"jax": "j", "flax": "f"}},
       {"repeats": 1, "bf16": False})
   assert "| no (misses by 10.0%) |" in md
+
+
+def test_peak_memory_counts_arguments_outputs_and_temporaries():
+  stats = types.SimpleNamespace(
+      argument_size_in_bytes=100, output_size_in_bytes=30,
+      alias_size_in_bytes=20, temp_size_in_bytes=7)
+  assert benchmark.peak_bytes(stats) == 117
+  x = jnp.ones((256, 256), jnp.float32)
+  compiled = jax.jit(lambda x: jnp.tanh(x @ x) @ x).lower(x).compile()
+  stats = compiled.memory_analysis()
+  assert stats.temp_size_in_bytes >= x.nbytes
+  assert benchmark.peak_bytes(stats) >= 2 * x.nbytes + stats.temp_size_in_bytes
 
 
 def test_evidence_names_what_bounds_the_step():
