@@ -15,6 +15,7 @@ from se_jax.primitives import reduced_width
 from se_jax.primitives import scale
 from se_jax.primitives import squeeze
 from se_jax.primitives import squeeze_excite
+from se_jax.primitives import squeeze_excite_affine
 from se_jax.xla import compiler_options
 
 __version__ = "0.1.0"
@@ -32,4 +33,5 @@ __all__ = [
     "scale",
     "squeeze",
     "squeeze_excite",
+    "squeeze_excite_affine",
 ]

@@ -121,9 +121,27 @@ class SqueezeExcite(nnx.Module):
           gate=self.gate,
           return_gates=True,
       )
+    self._record(gates)
+    return y
+
+  def affine_call(self, x: jax.Array, mul: jax.Array, add: jax.Array,
+                  dtype=None) -> jax.Array:
+    """The block on ``x * mul + add`` (a folded BatchNorm), in `dtype`
+    (default: x's), without storing that map for the gradient: see
+    `se_jax.squeeze_excite_affine`. Needs average pooling and a squeeze."""
+    if self.no_squeeze or self.squeeze != "avg":
+      raise ValueError(
+          "affine_call needs squeeze='avg' and no_squeeze=False, got"
+          f" squeeze={self.squeeze!r}, no_squeeze={self.no_squeeze}.")
+    y, gates = primitives.squeeze_excite_affine(
+        self.params, x, mul, add, activation=self.activation,
+        gate=self.gate, return_gates=True)
+    self._record(gates)
+    return y if dtype is None else y.astype(dtype)
+
+  def _record(self, gates: jax.Array) -> None:
     if self.record_gates:
       self.sow(nnx.Intermediate, self.tag, gates, reduce_fn=lambda _, g: g)
-    return y
 
 
 class BatchNorm(nnx.Module):
@@ -169,6 +187,17 @@ class BatchNorm(nnx.Module):
       self.use_running_average = use_running_average
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    mul, add = self.affine(x)
+    dtype = self.dtype or x.dtype
+    lead = (1,) * (x.ndim - 1)
+    y = x.astype(jnp.float32) * mul.reshape(*lead, -1) + add.reshape(*lead, -1)
+    return y.astype(dtype)
+
+  def affine(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The normalisation of `x` as a per-channel ``(mul, add)`` in float32:
+    the layer's output is ``x * mul + add``. In training mode this computes
+    the batch statistics of `x` and updates the running ones, as a call
+    does."""
     f32 = jnp.float32
     axes = tuple(range(x.ndim - 1))
     if self.use_running_average:
@@ -188,10 +217,7 @@ class BatchNorm(nnx.Module):
           m * self.var[...] + (1 - m) * unbiased))
     mul = self.scale[...] * jax.lax.rsqrt(var + self.epsilon)
     add = self.bias[...] - mean * mul
-    dtype = self.dtype or x.dtype
-    lead = (1,) * (x.ndim - 1)
-    y = x.astype(f32) * mul.reshape(*lead, -1) + add.reshape(*lead, -1)
-    return y.astype(dtype)
+    return mul, add
 
 
 class Conv(nnx.Module):

@@ -35,6 +35,7 @@ __all__ = [
     "scale",
     "squeeze",
     "squeeze_excite",
+    "squeeze_excite_affine",
 ]
 
 DATA_FORMATS = ("NWC", "NHWC", "NDHWC", "NCW", "NCHW", "NCDHW")
@@ -396,4 +397,102 @@ def squeeze_excite(
   z = squeeze(x, op=op, data_format=data_format)
   gates = excite(params, z, activation=activation, gate=gate)
   y = scale(x, gates, data_format=data_format)
+  return (y, gates) if return_gates else y
+
+
+@jax.custom_jvp
+def _affine_scale(x, mul, add, gates):
+  """``(x * mul + add) * gates`` for (N, P, C) maps, (1, 1, C) mul and add
+  and (N, C) gates, rounded once to x's dtype, differentiable in both modes
+  without storing the affine map."""
+  y = (x.astype(jnp.float32) * mul + add) * gates[:, None, :]
+  return y.astype(x.dtype)
+
+
+@jax.checkpoint
+def _times_map(x, t):
+  # Under jax.checkpoint the linearisation keeps x itself, in its own
+  # dtype, and widens it again when the gradient needs it.
+  return x.astype(jnp.float32) * t
+
+
+@_affine_scale.defjvp
+def _affine_scale_jvp(primals, tangents):
+  # d[(x mul + add) g] = g mul dx + g dadd + add dg + x (g dmul + mul dg):
+  # the only map-sized value the tangent (and so the gradient) reads is x.
+  x, mul, add, gates = primals
+  dx, dmul, dadd, dgates = tangents
+  g = gates[:, None, :]
+  dg = dgates[:, None, :]
+  dy = (g * mul * dx.astype(jnp.float32) + g * dadd + add * dg
+        + _times_map(x, g * dmul + mul * dg))
+  return _affine_scale(x, mul, add, gates), dy.astype(x.dtype)
+
+
+def squeeze_excite_affine(
+    params: ExciteParams,
+    x: ArrayLike,
+    mul: ArrayLike,
+    add: ArrayLike,
+    *,
+    activation: str = "relu",
+    gate: str = "sigmoid",
+    data_format: str = "NHWC",
+    return_gates: bool = False,
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+  """The SE block on ``x * mul + add``: a map and a per-channel affine.
+
+  The same function as ``squeeze_excite(params, x * mul + add)`` with
+  average pooling, for the common case where the SE block follows a
+  BatchNorm whose normalisation folds into `mul` and `add`. Its gradient
+  needs only `x`, which the BatchNorm keeps for its own gradient anyway,
+  so training does not store the normalised map: the gate's gradient is
+  ``mul * sum(dy * x) + add * sum(dy)`` over each example's positions. In
+  a ResNet this saves one activation-sized buffer per SE block.
+
+  Args:
+    params: the excitation's FC layers, see `init_excite`.
+    x: float feature map in `data_format`.
+    mul, add: (C,) float per-channel scale and shift.
+    activation: hidden nonlinearity of the excitation.
+    gate: output nonlinearity of the excitation.
+    data_format: layout of `x`, one of ``DATA_FORMATS``.
+    return_gates: also return the (N, C) float32 gates.
+
+  Returns:
+    ``scale(x * mul + add, gates)`` in the dtype of `x` (the affine and the
+    product are formed in float32 and rounded once), or ``(y, gates)``.
+
+  Raises:
+    ValueError: if `mul` or `add` is not (C,), or as `squeeze_excite`.
+    TypeError: for non-float inputs.
+
+  >>> p = init_excite(jax.random.key(0), 8, reduction=4)
+  >>> x = jnp.ones((2, 4, 4, 8))
+  >>> y = squeeze_excite_affine(p, x, 2 * jnp.ones(8), jnp.zeros(8))
+  >>> bool(jnp.allclose(y, squeeze_excite(p, 2 * x)))
+  True
+  """
+  x = jnp.asarray(x)
+  mul = jnp.asarray(mul)
+  add = jnp.asarray(add)
+  _check_float("x", x)
+  c_axis = _channel_axis("x", x, data_format)
+  channels = x.shape[c_axis]
+  for name, v in (("mul", mul), ("add", add)):
+    _check_float(name, v)
+    if v.shape != (channels,):
+      raise ValueError(
+          f"{name} must have shape (C,) = ({channels},) for x of shape"
+          f" {x.shape} ({data_format}), got {v.shape}.")
+  f32 = jnp.float32
+  mul, add = mul.astype(f32), add.astype(f32)
+  # Channels last, positions flattened: (N, P, C).
+  xl = jnp.moveaxis(x, c_axis, -1)
+  flat = xl.reshape(x.shape[0], -1, channels)
+  z = jnp.mean(flat, axis=1, dtype=f32) * mul[None] + add[None]
+  gates = excite(params, z, activation=activation, gate=gate)
+  y = _affine_scale(flat, mul.reshape(1, 1, -1), add.reshape(1, 1, -1),
+                    gates).reshape(xl.shape)
+  y = jnp.moveaxis(y, -1, c_axis)
   return (y, gates) if return_gates else y

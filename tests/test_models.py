@@ -325,3 +325,76 @@ def test_split_apply_merge_under_jit_and_grad():
   merged.eval()
   model.eval()
   np.testing.assert_allclose(merged(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def _unit_train_step(name, stage, size, **options):
+  """A residual unit in training mode: its output, the gradients of a
+  random projection of it, and the updated BatchNorm statistics."""
+  unit = create(name, **options).stages[stage][0]
+  graphdef, params, stats = nnx.split(unit, nnx.Param, nnx.BatchStat)
+  channels = unit.convs[0].in_features
+  x = _images(n=4, size=size, c=channels, seed=3)
+  ct = _images(n=4, size=size, c=channels, seed=4)
+
+  @jax.jit
+  def f(params, stats, x):
+    m = nnx.merge(graphdef, params, stats)
+    out = m(x)
+    return jnp.sum(out * jax.image.resize(ct, out.shape, "nearest")), (
+        out, nnx.state(m, nnx.BatchStat))
+
+  (_, aux), grads = jax.value_and_grad(f, argnums=(0, 2), has_aux=True)(
+      params, stats, x)
+  return aux, grads
+
+
+@pytest.mark.parametrize("name,stage,options", [
+    ("se_resnet50", 1, {}),                       # bottleneck, projected
+    ("se_resnet18", 1, {}),                       # basic, projected
+    ("cifar_se_resnet20", 0, dict(gate="tanh")),  # basic, identity
+])
+def test_folding_the_norm_into_se_computes_the_same(name, stage, options,
+                                                     monkeypatch):
+  from se_jax.models import resnet
+  units = [u for s in create(name, **options).stages for u in s]
+  assert all(u.fold_norm_into_se for u in units)
+  folded = _unit_train_step(name, stage, 16, **options)
+  monkeypatch.setattr(resnet.ResidualUnit, "fold_norm_into_se",
+                      property(lambda self: False))
+  apart = _unit_train_step(name, stage, 16, **options)
+  for a, b in zip(jax.tree.leaves(folded), jax.tree.leaves(apart)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
+
+
+def test_only_the_standard_unit_folds_the_norm():
+  fold = lambda **kw: create("cifar_se_resnet20", **kw).stages[0][0] \
+      .fold_norm_into_se
+  assert fold() and fold(gate="tanh") and fold(se_bias=False)
+  for kw in (dict(squeeze="max"), dict(no_squeeze=True),
+             dict(integration="pre"), dict(integration="post"),
+             dict(integration="identity"), dict(position="3x3")):
+    assert not fold(**kw), kw
+  assert not create("legacy_se_resnet18").stages[0][0].fold_norm_into_se
+  assert not create("cifar_resnet20").stages[0][0].fold_norm_into_se
+  se = SqueezeExcite(8, reduction=2, squeeze="max", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="squeeze='avg'"):
+    se.affine_call(jnp.ones((1, 2, 2, 8)), jnp.ones(8), jnp.zeros(8))
+
+
+def test_se_adds_no_activation_memory_to_a_training_step():
+  # The SE units keep what the plain units keep, plus (N, C) vectors.
+  def temp_bytes(name):
+    model = create(name, num_classes=10)
+    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    x, labels = _images(n=32), jnp.arange(32) % 10
+
+    def loss_fn(params):
+      m = nnx.merge(graphdef, params, stats, copy=True)
+      return optax.softmax_cross_entropy_with_integer_labels(
+          m(x), labels).mean()
+
+    compiled = jax.jit(jax.grad(loss_fn)).lower(params).compile(
+        compiler_options=se_jax.compiler_options())
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  assert temp_bytes("cifar_se_resnet20") / temp_bytes("cifar_resnet20") < 1.03

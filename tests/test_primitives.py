@@ -1,11 +1,17 @@
 """The SE primitives against the independent NumPy reference."""
 
+import contextlib
+import functools
+import io
 import itertools
+import math
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 from jax.test_util import check_grads
 
 import se_jax
@@ -260,3 +266,93 @@ def test_bad_gates_shape():
 def test_errors_are_raised_at_trace_time_under_jit():
   f = jax.jit(lambda x: se_jax.squeeze(x, data_format="NCHW"))
   _raises(ValueError, r"expects x of rank 4", f, np.ones((2, 3, 4), np.float32))
+
+
+def _affine(c, seed=3):
+  rng = np.random.default_rng(seed)
+  return (rng.uniform(0.5, 2.0, size=c).astype(np.float32),
+          rng.normal(size=c).astype(np.float32))
+
+
+@pytest.mark.parametrize("data_format", ["NHWC", "NCHW", "NCW", "NDHWC"])
+def test_squeeze_excite_affine_is_the_block_on_the_affine_map(data_format):
+  x, p = _x(data_format), _params()
+  mul, add = _affine(12)
+  c_axis = primitives._channel_axis("x", jnp.asarray(x), data_format)
+  shape = [1] * x.ndim
+  shape[c_axis] = 12
+  want_y, want_g = ref.squeeze_excite(
+      p, x * mul.reshape(shape) + add.reshape(shape),
+      data_format=data_format)
+  y, g = jax.jit(functools.partial(
+      se_jax.squeeze_excite_affine, data_format=data_format,
+      return_gates=True))(p, x, mul, add)
+  np.testing.assert_allclose(g, want_g, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
+
+
+def test_squeeze_excite_affine_gradients():
+  x, p = _x("NHWC", c=6), _params(c=6, reduced=2)
+  mul, add = _affine(6)
+  fused = lambda p, x, mul, add: se_jax.squeeze_excite_affine(p, x, mul, add)
+  plain = lambda p, x, mul, add: se_jax.squeeze_excite(
+      p, x * mul[None, None, None] + add[None, None, None])
+  # Finite differences (of a block that computes in float32) ...
+  check_grads(fused, (p, x, mul, add), order=2, modes=("fwd", "rev"),
+              atol=2e-2, rtol=2e-2)
+  # ... and, tightly, the derivatives of the block formed apart.
+  ct = np.random.default_rng(4).normal(size=x.shape).astype(np.float32)
+  tangents = jax.tree.map(lambda a: jnp.asarray(
+      np.random.default_rng(5).normal(size=np.shape(a)), jnp.float32),
+      (p, x, mul, add))
+  np.testing.assert_allclose(
+      jax.jvp(fused, (p, x, mul, add), tangents)[1],
+      jax.jvp(plain, (p, x, mul, add), tangents)[1], rtol=1e-4, atol=1e-5)
+  want = jax.vjp(plain, p, x, mul, add)[1](ct)
+  got = jax.jit(lambda *a: jax.vjp(fused, *a)[1](ct))(p, x, mul, add)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+  # Forward over reverse: a Hessian-vector product in x.
+  loss = lambda f: lambda x: jnp.sum(f(p, x, mul, add) * ct)
+  hvp = lambda f, x: jax.jvp(jax.grad(loss(f)), (x,), (ct,))[1]
+  np.testing.assert_allclose(jax.jit(lambda x: hvp(fused, x))(x),
+                             hvp(plain, x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,short", [(jnp.float32, "f32"),
+                                         (jnp.bfloat16, "bf16")])
+def test_squeeze_excite_affine_keeps_only_the_input_map(dtype, short):
+  # The gradient of the block on a BatchNorm's output needs that output
+  # when it is formed apart; the fused block keeps only the input map.
+  x = jnp.ones((4, 8, 8, 16), dtype)
+  p = _params(c=16, reduced=4)
+  mul, add = _affine(16)
+
+  def map_sized(f):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+      print_saved_residuals(f, p, x, mul, add)
+    found = []
+    for dt, dims in re.findall(r"^(\w+)\[([\d,]*)\]", out.getvalue(), re.M):
+      if math.prod(int(d) for d in dims.split(",") if d) == x.size:
+        found.append(dt)
+    return found
+
+  fused = map_sized(lambda p, x, mul, add: se_jax.squeeze_excite_affine(
+      p, x, mul, add).astype(jnp.float32).sum())
+  plain = map_sized(lambda p, x, mul, add: se_jax.squeeze_excite(
+      p, (x * mul[None, None, None] + add[None, None, None]).astype(dtype)
+  ).astype(jnp.float32).sum())
+  assert fused == [short]
+  assert len(plain) >= 2
+
+
+def test_squeeze_excite_affine_bad_input():
+  x, p = _x("NHWC"), _params()
+  mul, add = _affine(12)
+  _raises(ValueError, r"mul must have shape \(C,\) = \(12,\)",
+          se_jax.squeeze_excite_affine, p, x, mul[:5], add)
+  _raises(ValueError, r"add must have shape", se_jax.squeeze_excite_affine,
+          p, x, mul, add[None])
+  _raises(TypeError, "mul", se_jax.squeeze_excite_affine, p, x,
+          np.ones(12, np.int32), add)

@@ -203,6 +203,15 @@ class ResidualUnit(nnx.Module):
         gate=se.gate, no_squeeze=se.no_squeeze, tag=tag, rngs=rngs,
     )
 
+  @property
+  def fold_norm_into_se(self) -> bool:
+    """Whether the last BN feeds the SE block as a per-channel affine
+    (`SqueezeExcite.affine_call`), which keeps training from storing the
+    normalised map: the standard SE-ResNet unit with average pooling."""
+    return (self._se_at("standard") and not self.preact
+            and not self.relu_before_se and not self.se.no_squeeze
+            and self.se.squeeze == "avg")
+
   def _se_at(self, integration: str, position: str = "standard") -> bool:
     return (
         self.se is not None
@@ -226,11 +235,15 @@ class ResidualUnit(nnx.Module):
         h = nnx.relu(self.norms[i](h))
         if i == self.mid and self._se_at("standard", "3x3"):
           h = self.se(h)
+      elif self.fold_norm_into_se:
+        norm = self.norms[i]
+        mul, add = norm.affine(h)
+        h = self.se.affine_call(h, mul, add, dtype=norm.dtype)
       elif not self.preact:
         h = self.norms[i](h)
         if self.relu_before_se:
           h = nnx.relu(h)
-    if self._se_at("standard"):
+    if self._se_at("standard") and not self.fold_norm_into_se:
       h = self.se(h)
     if self._se_at("identity"):
       shortcut = self.se(shortcut)
