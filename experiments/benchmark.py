@@ -54,6 +54,7 @@ import se_jax
 from experiments import files
 from experiments.provenance import markdown_header, provenance
 from se_jax import conv as conv_lib
+from se_jax.models import resnet
 from se_jax.models import create
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -145,10 +146,11 @@ def jax_train_step(name: str, batch: int, size: int, num_classes: int, dtype,
   Each program is compiled once per run of the benchmark, for the timing and
   the memory sections alike.
   """
-  # The tuning section traces with conv_lib._materialized swapped out.
+  # The tuning section traces with conv_lib._materialized and the units'
+  # folding of BN into SE swapped out.
   key = (name, batch, size, num_classes, dtype,
          None if options is None else tuple(sorted(options.items())),
-         conv_lib._materialized)
+         conv_lib._materialized, resnet.ResidualUnit.fold_norm_into_se)
   if key not in _TRAIN_STEPS:
     _TRAIN_STEPS[key] = _build_train_step(name, batch, size, num_classes,
                                           dtype, options)
@@ -528,12 +530,38 @@ def section_tuning(cfg) -> dict:
   with mock.patch.object(conv_lib, "_materialized", lambda x: x):
     fns["without saved conv inputs"], _, _ = jax_train_step(
         name, batch, 32, 10, cfg["dtype"])
+  with _bn_apart_from_se():
+    fns["BN apart from SE"], _, _ = jax_train_step(
+        name, batch, 32, 10, cfg["dtype"])
   print("[tuning] CIFAR SE-ResNet-20 variants", file=sys.stderr, flush=True)
   times = time_alternating(fns, cfg["repeats"])
   transposes = {k: _profile_transposes(fns[k])
                 for k in ("se_jax", "without saved conv inputs")}
+  # What folding the last BN into the SE block buys, in the deepest net.
+  depth = max(cfg["cifar_depths"])
+  plain, se = f"cifar_resnet{depth}", f"cifar_se_resnet{depth}"
+  steps = {plain: jax_train_step(plain, batch, 32, 10, cfg["dtype"]),
+           se: jax_train_step(se, batch, 32, 10, cfg["dtype"])}
+  with _bn_apart_from_se():
+    steps[f"{se}, BN apart from SE"] = jax_train_step(
+        se, batch, 32, 10, cfg["dtype"])
+  print(f"[tuning] CIFAR ResNet-{depth}, BN folded into SE or apart",
+        file=sys.stderr, flush=True)
+  fold_times = time_alternating({k: v[0] for k, v in steps.items()},
+                                cfg["repeats"])
+  fold_peak = {k: peak_bytes(v[2].compiled.memory_analysis())
+               for k, v in steps.items()}
   return {"model": name, "batch": batch, "times": times,
-          "transpose_s_per_step": transposes}
+          "transpose_s_per_step": transposes,
+          "fold": {"depth": depth, "plain": plain, "se": se,
+                   "times": fold_times, "peak_bytes": fold_peak}}
+
+
+def _bn_apart_from_se():
+  """Residual units that apply their last BN and then the SE block, as two
+  layers, instead of `SqueezeExcite.affine_call`."""
+  return mock.patch.object(resnet.ResidualUnit, "fold_norm_into_se",
+                           property(lambda self: False))
 
 
 # ------------------------------------------------------------------ report
@@ -682,7 +710,47 @@ def evidence(results: dict) -> list[str]:
         f" a profile puts {1e3 * tr['without saved conv inputs']:.0f} ms of"
         f" that step in transpose fusions, against"
         f" {1e3 * tr['se_jax']:.0f} ms with them.")
+  fold = (tu or {}).get("fold")
+  if fold:
+    t, m = fold["times"], fold["peak_bytes"]
+    se, plain = fold["se"], fold["plain"]
+    apart = f"{se}, BN apart from SE"
+    lines.append(
+        f"Folding each unit's last BN into its SE block"
+        f" (`SqueezeExcite.affine_call`, whose gradient needs only the"
+        f" BN's input): the CIFAR SE-ResNet-{fold['depth']} step takes"
+        f" {_ms(t[se])} ms against {_ms(t[apart])} ms with the BN apart,"
+        f" SE / plain time {_ratio(t, se, plain):.3f} against"
+        f" {_ratio(t, apart, plain):.3f}, and SE / plain peak memory"
+        f" {m[se] / m[plain]:.3f} against {m[apart] / m[plain]:.3f}.")
+  torch_se = _torch_se_overheads(results)
+  if torch_se:
+    lines.append(
+        "PyTorch's own SE overhead on this machine, SE / plain time in the"
+        " same runs: " + "; ".join(torch_se) + ".")
   return lines
+
+
+def _torch_se_overheads(results: dict) -> list[str]:
+  out = []
+
+  def add(where, t, se, plain):
+    parts = [f"{_ratio(t, se + cl, plain + cl):.2f}x" + (" CL" if cl else "")
+             for cl in ("", " CL") if se + cl in t and plain + cl in t]
+    if parts:
+      out.append(f"{where} {', '.join(parts)}")
+
+  for row in results.get("inference", {}).get("rows", []):
+    add(f"ResNet-50 inference, batch {row['batch']}", row["times"],
+        "timm se_resnet50", "timm resnet50")
+  if "train" in results:
+    add(f"ResNet-50 training, batch {results['train']['batch']}",
+        results["train"]["times"], "timm se_resnet50", "timm resnet50")
+  for row in results.get("cifar", {}).get("rows", []):
+    d = row["depth"]
+    add(f"CIFAR ResNet-{d} training", row["times"],
+        f"PyTorch cifar_se_resnet{d}", f"PyTorch cifar_resnet{d}")
+  return out
 
 
 def to_markdown(results: dict, checks: list[dict], prov: dict,
@@ -709,6 +777,7 @@ def to_markdown(results: dict, checks: list[dict], prov: dict,
   if ev:
     out.append("\n## What bounds the training step\n")
     out.extend(f"- {line}" for line in ev)
+    out.append("")
   if "inference" in results:
     out.append("\n## Inference, ResNet-50 and SE-ResNet-50 at 224 x 224\n")
     for row in results["inference"]["rows"]:
@@ -795,6 +864,17 @@ def to_markdown(results: dict, checks: list[dict], prov: dict,
                f" {tu['batch']}\n")
     out.extend(_times_table(tu["times"], tu["batch"], "se_jax"))
     out.append("")
+    fold = tu.get("fold")
+    if fold:
+      out.append(f"## Folding BN into SE: CIFAR ResNet-{fold['depth']},"
+                 f" batch {tu['batch']}\n")
+      out.append("| program | median ms | vs plain | peak MB | vs plain |\n"
+                 "|---|---|---|---|---|")
+      t, m = fold["times"], fold["peak_bytes"]
+      for k in t:
+        out.append(f"| {k} | {_ms(t[k])} | {_ratio(t, k, fold['plain']):.3f}"
+                   f" | {m[k] / 1e6:.1f} | {m[k] / m[fold['plain']]:.3f} |")
+      out.append("")
   return "\n".join(out) + "\n"
 
 

@@ -85,13 +85,25 @@ def test_evidence_names_what_bounds_the_step():
                            "XLA default options": _t(800),
                            "without saved conv inputs": _t(600)},
                  "transpose_s_per_step": {"se_jax": 0.03,
-                                          "without saved conv inputs": 0.3}},
+                                          "without saved conv inputs": 0.3},
+                 "fold": {"depth": 110, "plain": "p", "se": "s",
+                          "times": {"p": _t(1000), "s": _t(1010),
+                                    "s, BN apart from SE": _t(1200)},
+                          "peak_bytes": {"p": 100, "s": 101,
+                                         "s, BN apart from SE": 120}}},
+      "train": {"batch": 8, "times": {
+          "timm resnet50": _t(100), "timm se_resnet50": _t(110),
+          "timm resnet50 CL": _t(100), "timm se_resnet50 CL": _t(120)}},
   }
   text = " ".join(benchmark.evidence(results))
   assert "400 ms in XLA and 300 ms in PyTorch" in text
   assert "weight grad 200 vs 100 ms" in text and "0.75x" in text
   assert "2.00x as long" in text and "1.50x as long" in text
   assert "300 ms of that step in transpose fusions, against 30 ms" in text
+  assert ("SE-ResNet-110 step takes 1010.0 ms against 1200.0 ms with the BN"
+          " apart, SE / plain time 1.010 against 1.200, and SE / plain peak"
+          " memory 1.010 against 1.200") in text
+  assert "ResNet-50 training, batch 8 1.10x, 1.20x CL" in text
 
 
 def test_quick_run_writes_the_report(tmp_path):
