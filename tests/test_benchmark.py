@@ -75,6 +75,14 @@ def test_peak_memory_counts_arguments_outputs_and_temporaries():
   assert benchmark.peak_bytes(stats) >= 2 * x.nbytes + stats.temp_size_in_bytes
 
 
+def test_se_input_bytes_counts_every_se_blocks_map():
+  # SE-ResNet-50: 3, 4, 6, 3 units whose outputs are 56^2 x 256,
+  # 28^2 x 512, 14^2 x 1024 and 7^2 x 2048 (Table 1 of the paper).
+  per_image = sum(n * h * h * c for n, h, c in (
+      (3, 56, 256), (4, 28, 512), (6, 14, 1024), (3, 7, 2048)))
+  assert benchmark.se_input_bytes("se_resnet50", 2, 224) == 4 * 2 * per_image
+
+
 def test_evidence_names_what_bounds_the_step():
   results = {
       "kernels": {"resnet20_totals_s": {
@@ -91,6 +99,10 @@ def test_evidence_names_what_bounds_the_step():
                                     "s, BN apart from SE": _t(1200)},
                           "peak_bytes": {"p": 100, "s": 101,
                                          "s, BN apart from SE": 120}}},
+      "inference": {"rows": [{"batch": 1, "times": {
+          "se_jax resnet50": _t(100), "se_jax se_resnet50": _t(110),
+          "timm resnet50 CL": _t(90), "timm se_resnet50 CL": _t(110)}}]},
+      "se_block": {"copy_rate_GBps": 2.2076160},
       "train": {"batch": 8, "times": {
           "timm resnet50": _t(100), "timm se_resnet50": _t(110),
           "timm resnet50 CL": _t(100), "timm se_resnet50 CL": _t(120)}},
@@ -104,6 +116,10 @@ def test_evidence_names_what_bounds_the_step():
           " apart, SE / plain time 1.010 against 1.200, and SE / plain peak"
           " memory 1.010 against 1.200") in text
   assert "ResNet-50 training, batch 8 1.10x, 1.20x CL" in text
+  # 22,076,160 bytes of SE inputs per image: 10 ms at 2.2 GB/s.
+  assert "takes 10 ms more than ResNet-50" in text
+  assert "22 MB, 10 ms at the measured 2.2 GB/s" in text
+  assert "without SE and with SE, by batch: 1: 0.90 and 1.00." in text
 
 
 def test_quick_run_writes_the_report(tmp_path):
@@ -117,6 +133,13 @@ def test_quick_run_writes_the_report(tmp_path):
     assert row["bytes_moved"] == 3 * 4 * row["shape"][0] * row["shape"][1] \
         * row["shape"][2] * row["shape"][3]
   assert "## The SE block alone" in (tmp_path / "benchmark.md").read_text()
+  # The text again from the saved measurements, measuring nothing.
+  again = benchmark.main(["--report-only", "--out-dir", str(tmp_path)])
+  assert again["targets"] == out["targets"]
+  text = (tmp_path / "benchmark.md").read_text()
+  assert "written from benchmark.json by" in text.split("\n\n")[1]
+  with pytest.raises(SystemExit, match="run the benchmark first"):
+    benchmark.main(["--report-only", "--out-dir", str(tmp_path / "none")])
   with pytest.raises(SystemExit):
     benchmark.main(["--sections", "speed"])
 
