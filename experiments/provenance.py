@@ -16,8 +16,10 @@ def _commit() -> str:
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True,
         text=True, check=True, cwd=os.path.dirname(os.path.abspath(__file__)),
     ).stdout.strip()
+    # Changed code, not changed results, makes a checkout uncommitted.
     dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
+        ["git", "status", "--porcelain", "--untracked-files=no", "--",
+         ":(top)", ":(top,exclude)experiments/results"],
         capture_output=True, text=True, check=True,
         cwd=os.path.dirname(os.path.abspath(__file__)),
     ).stdout.strip()
