@@ -579,9 +579,10 @@ def _config(args) -> dict:
       print(f"PyTorch comparisons skipped: {e}; install the torch extra"
             " (see README).", file=sys.stderr)
       torch_ok = False
+  bf16 = (args.dtype or ("bfloat16" if gpu else "float32")) == "bfloat16"
   cfg = {
-      "torch": torch_ok, "bf16": gpu,
-      "dtype": jnp.bfloat16 if gpu else None,
+      "torch": torch_ok, "gpu": gpu, "bf16": bf16,
+      "dtype": jnp.bfloat16 if bf16 else None,
       "repeats": args.repeats,
       # timm's default memory format, and channels_last (the faster one on
       # GPUs, and often on CPUs).
@@ -610,7 +611,7 @@ def check_targets(results: dict, cfg: dict) -> list[dict]:
 
   def add(key, value, where):
     what, limit, direction = TARGETS[key]
-    if key.startswith("se_overhead") and cfg["bf16"]:
+    if key.startswith("se_overhead") and cfg.get("gpu", cfg["bf16"]):
       limit = GPU_SE_OVERHEAD_TARGET
     ok = value <= limit if direction == "max" else value >= limit
     checks.append({"target": key, "what": what, "where": where,
@@ -950,6 +951,9 @@ def main(argv=None) -> dict:
                  help="a smoke run: small batches, 3 repeats, ResNet-20 only")
   p.add_argument("--no-torch", action="store_true",
                  help="se_jax only, without the PyTorch comparisons")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                 help="compute dtype of both sides (PyTorch under autocast);"
+                      " default bfloat16 on GPUs, float32 elsewhere")
   p.add_argument("--out-dir", default=os.path.join(_HERE, "results"))
   p.add_argument("--report-only", action="store_true",
                  help="measure nothing: write benchmark.md again from the"

@@ -153,3 +153,23 @@ def test_pytorch_cifar_resnet_is_the_same_network(se):
   theirs = sum(p.numel() for p in
                benchmark.torch_cifar_resnet(20, se).parameters())
   assert theirs == ours
+
+
+def test_bfloat16_run_on_any_device(tmp_path):
+  # The accelerator configuration (bfloat16 on both sides, PyTorch under
+  # autocast) runs here too; the GPU's overhead limit applies on GPUs only.
+  argv = ["--quick", "--dtype", "bfloat16", "--sections", "cifar",
+          "--repeats", "1", "--out-dir", str(tmp_path)]
+  try:
+    import torch  # noqa: F401
+  except ImportError:
+    argv.append("--no-torch")
+  out = benchmark.main(argv)
+  saved = json.loads((tmp_path / "benchmark.json").read_text())
+  assert saved["config"]["bf16"] and saved["config"]["dtype"] == "bfloat16"
+  (row,) = out["results"]["cifar"]["rows"]
+  assert all(t["median_s"] > 0 for t in row["times"].values())
+  limits = {c["limit"] for c in out["targets"]
+            if c["target"] == "se_overhead_train"}
+  assert limits == {benchmark.TARGETS["se_overhead_train"][1]}
+  assert "bfloat16 compute." in (tmp_path / "benchmark.md").read_text()
