@@ -816,8 +816,9 @@ def _torch_se_overheads(results: dict) -> list[str]:
 
 
 def to_markdown(results: dict, checks: list[dict], prov: dict,
-                cfg: dict) -> str:
-  out = [markdown_header("se_jax benchmark", prov), ""]
+                cfg: dict, written_by: str | None = None) -> str:
+  out = [markdown_header("se_jax benchmark", prov)
+         + (f"\n{written_by}" if written_by else ""), ""]
   out.append(
       f"PyTorch {prov['versions'].get('torch', 'absent')}, timm"
       f" {prov['versions'].get('timm', 'absent')}. Medians of"
@@ -1005,16 +1006,14 @@ def rewrite_report(out_dir: str) -> dict:
   cfg = saved["config"]
   results, prov = saved["results"], saved["provenance"]
   checks = check_targets(results, cfg)
+  commit = provenance()["commit"]
+  md = to_markdown(
+      results, checks, prov, cfg,
+      written_by=f"Report text written from benchmark.json by `python -m"
+                 f" experiments.benchmark --report-only` at commit {commit}.")
   saved.update(targets=checks, evidence=evidence(results),
-               report_commit=provenance()["commit"])
+               report_commit=commit)
   files.write_json(path, saved)
-  md = to_markdown(results, checks, prov, cfg)
-  head, rest = md.split("\n", 1)
-  header_end = rest.index("\n\n")
-  md = (head + "\n" + rest[:header_end]
-        + f"\nReport text written from benchmark.json by"
-          f" `python -m experiments.benchmark --report-only` at commit"
-          f" {saved['report_commit']}." + rest[header_end:])
   files.write_atomic(os.path.join(out_dir, "benchmark.md"), md)
   print(md)
   return {"results": results, "targets": checks}

@@ -228,6 +228,7 @@ class ResidualUnit(nnx.Module):
       shortcut = self.proj_norm(self.proj(x))
     else:
       shortcut = x
+    fold = self.fold_norm_into_se
     last = len(self.convs) - 1
     for i, conv in enumerate(self.convs):
       h = conv(h)
@@ -235,7 +236,7 @@ class ResidualUnit(nnx.Module):
         h = nnx.relu(self.norms[i](h))
         if i == self.mid and self._se_at("standard", "3x3"):
           h = self.se(h)
-      elif self.fold_norm_into_se:
+      elif fold:
         norm = self.norms[i]
         mul, add = norm.affine(h)
         h = self.se.affine_call(h, mul, add, dtype=norm.dtype)
@@ -243,7 +244,7 @@ class ResidualUnit(nnx.Module):
         h = self.norms[i](h)
         if self.relu_before_se:
           h = nnx.relu(h)
-    if self._se_at("standard") and not self.fold_norm_into_se:
+    if self._se_at("standard") and not fold:
       h = self.se(h)
     if self._se_at("identity"):
       shortcut = self.se(shortcut)
