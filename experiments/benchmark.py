@@ -109,9 +109,7 @@ class _Compiled:
   def __init__(self, fn, *args, options=None, donate=()):
     t0 = time.perf_counter()
     lowered = jax.jit(fn, donate_argnums=donate).lower(*args)
-    self.compiled = lowered.compile(
-        compiler_options=se_jax.compiler_options() if options is None
-        else options)
+    self.compiled = lowered.compile(compiler_options=options or {})
     self.compile_s = time.perf_counter() - t0
 
   def __call__(self, *args):
@@ -385,8 +383,7 @@ def section_se_block(cfg) -> dict:
     params = se_jax.init_excite(jax.random.key(0), channels, reduction=16,
                                 rounding="timm")
     x = _jax_images(batch, size, channels, cfg["dtype"] or jnp.float32)
-    f = jax.jit(functools.partial(se_jax.squeeze_excite, params),
-                compiler_options=se_jax.compiler_options())
+    f = jax.jit(functools.partial(se_jax.squeeze_excite, params))
     fns = {"se_jax squeeze_excite": lambda: f(x).block_until_ready()}
     if cfg["torch"]:
       torch = _torch()

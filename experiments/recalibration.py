@@ -131,8 +131,7 @@ def collect_gates(model, source, transform, *, batch_size: int,
   graphdef, state = nnx.split(model)
   capture = jax.jit(
       lambda state, x: capture_gates(nnx.merge(graphdef, state), x,
-                                     with_outputs=True),
-      compiler_options=se_jax.compiler_options())
+                                     with_outputs=True))
   gates: dict[str, list[np.ndarray]] = {}
   sums: dict[str, np.ndarray] = {}
   labels, images, correct = [], 0, 0

@@ -37,7 +37,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from experiments import data, files
 from experiments.provenance import provenance
-from se_jax import compiler_options
 from se_jax.models import create
 
 __all__ = ["EXECUTION_KEYS", "NonFiniteLossError", "WorkdirLockedError",
@@ -364,12 +363,9 @@ def _run(config, workdir):
         "count": jnp.sum(mask),
     }
 
-  options = compiler_options()
   train_step = jax.jit(train_step, donate_argnums=0,
-                       out_shardings=(replicated, replicated),
-                       compiler_options=options)
-  eval_step = jax.jit(eval_step, out_shardings=replicated,
-                      compiler_options=options)
+                       out_shardings=(replicated, replicated))
+  eval_step = jax.jit(eval_step, out_shardings=replicated)
 
   train_tf, eval_tf = data.make_transforms(info, flip=config.augment_flip,
                                            pad=config.augment_pad)

@@ -16,14 +16,12 @@ from se_jax.primitives import scale
 from se_jax.primitives import squeeze
 from se_jax.primitives import squeeze_excite
 from se_jax.primitives import squeeze_excite_affine
-from se_jax.xla import compiler_options
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ExciteParams",
     "SqueezeExcite",
-    "compiler_options",
     "count_flops",
     "count_params",
     "excite",

@@ -1,31 +1,161 @@
-"""2-D convolution for the ResNets, with a CPU-friendly gradient.
+"""2-D convolution for the ResNets, fast under a plain ``jax.jit`` on CPUs.
 
-`conv2d` is ``lax.conv_general_dilated`` on NHWC images and HWIO kernels,
-with the same values and derivatives, and one difference in how XLA compiles
-its gradient on the CPU. There the weight gradient needs the input in a
-transposed layout, and XLA:CPU fuses the input's whole elementwise producer
-chain (BatchNorm, ReLU, the SE scale and, through the identity shortcuts,
-those of every earlier unit) into that transpose, recomputing it with a
-strided access pattern. In a CIFAR SE-ResNet-20 training step this took
-about a third of the step. Under differentiation `conv2d` therefore keeps the
-input it saves for the backward pass in its own buffer (an in-place update
-of a few elements, which XLA cannot fuse into), so the transpose reads it
-once. On other platforms, and without differentiation, it is the plain
-convolution. Measured in ``python -m experiments.benchmark``.
+`conv2d` is ``lax.conv_general_dilated`` on NHWC images and HWIO kernels:
+the same values and derivatives, in forward and reverse mode. On GPUs and
+TPUs it is that convolution. On CPUs it is written so that XLA's default
+pipeline runs each of its three parts (the forward pass, the input gradient
+and the kernel gradient) on a fast kernel, with no compiler option:
+
+- XLA:CPU (jaxlib 0.10) hands convolutions to YNNPACK, unless one of YNNPACK's
+  own conditions declines them, and otherwise to Eigen. For the convolutions
+  of these networks YNNPACK was 1.2-2x slower than Eigen in the forward pass
+  and input gradient, and 2-10x slower in the kernel gradient
+  (``python -m experiments.benchmark``, section ``kernels``).
+- YNNPACK declines a convolution whose output is taller than its input, and
+  one whose input and output features are both at most 16. So a stride-1
+  convolution computes one extra output row and drops it (the extra row
+  costs 1/H of the work), its input gradient is the transpose of a
+  convolution of the explicitly padded input, whose output is one row taller
+  than the gradient it reads, and the kernel gradient is accumulated over
+  blocks of at most 16 images and 16 output channels. All three then run on
+  Eigen.
+- A 1x1 convolution is a matrix product, which YNNPACK's dot (forward) and
+  XLA's own dot (both gradients) compute faster than either convolution.
+
+Every formulation is a linear map of the tangent that JAX differentiates and
+transposes itself, so gradients of any order and forward mode work.
+Under differentiation the input saved for the backward pass is kept in its
+own buffer: otherwise XLA:CPU fuses the input's whole elementwise producer
+chain (BatchNorm, ReLU, SE and, through the identity shortcuts, earlier
+units) into the layout change that the kernel gradient needs, and recomputes
+it with a strided access pattern.
+
+``impl="xla"`` gives XLA's own convolution everywhere, for comparison.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-__all__ = ["conv2d"]
+__all__ = ["IMPLEMENTATIONS", "conv2d"]
+
+IMPLEMENTATIONS = ("auto", "xla")
 
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+# YNNPACK declines convolutions whose input and output features are both at
+# most this wide.
+_NARROW = 16
+
+
+class _Spec(NamedTuple):
+  strides: tuple[int, int]
+  padding: tuple[tuple[int, int], tuple[int, int]]
+  groups: int
+
+
+def _xla(x, kernel, spec: _Spec):
+  return lax.conv_general_dilated(
+      x, kernel, window_strides=spec.strides, padding=spec.padding,
+      dimension_numbers=_DIMENSIONS, feature_group_count=spec.groups)
+
+
+def _out_size(n: int, k: int, s: int, pad: tuple[int, int]) -> int:
+  return (n + pad[0] + pad[1] - k) // s + 1
+
+
+def _pointwise(kernel, spec: _Spec) -> bool:
+  return (kernel.shape[:2] == (1, 1) and spec.groups == 1
+          and spec.padding == ((0, 0), (0, 0)))
+
+
+def _subsample(x, spec: _Spec):
+  sh, sw = spec.strides
+  return x if (sh, sw) == (1, 1) else x[:, ::sh, ::sw, :]
+
+
+def _matmul(x, kernel):
+  """A 1x1 convolution of (already subsampled) `x` as one matrix product."""
+  n, h, w, c = x.shape
+  y = jnp.dot(x.reshape(n * h * w, c), kernel.reshape(c, -1))
+  return y.reshape(n, h, w, -1)
+
+
+def _library_conv(x, kernel, spec: _Spec) -> bool:
+  """Whether YNNPACK would take this stride-1 convolution, and the tricks
+  below can hand it to Eigen instead."""
+  cin, cout = kernel.shape[2] * spec.groups, kernel.shape[3]
+  height = x.shape[1]
+  out = _out_size(height, kernel.shape[0], 1, spec.padding[0])
+  return (spec.strides == (1, 1) and spec.groups == 1
+          and max(cin, cout) > _NARROW and out <= height)
+
+
+def _cpu_forward(x, kernel, spec: _Spec):
+  if _pointwise(kernel, spec):
+    return _matmul(_subsample(x, spec), kernel)
+  if not _library_conv(x, kernel, spec):
+    return _xla(x, kernel, spec)
+  # One output row more than the input has rows; the extra row is dropped.
+  (top, bottom), cols = spec.padding
+  out = _out_size(x.shape[1], kernel.shape[0], 1, (top, bottom))
+  taller = spec._replace(padding=((top, bottom + x.shape[1] + 1 - out), cols))
+  return _xla(x, kernel, taller)[:, :out]
+
+
+def _cpu_input_term(tx, kernel, spec: _Spec):
+  """The forward map's tangent in `tx`; its transpose is the input gradient."""
+  if _pointwise(kernel, spec):
+    return _matmul(_subsample(tx, spec), kernel)
+  if not _library_conv(tx, kernel, spec):
+    return _xla(tx, kernel, spec)
+  # The same map with one bottom padding row made explicit: its transpose
+  # writes a gradient one row taller than the output gradient it reads, and
+  # drops that row.
+  (top, bottom), cols = spec.padding
+  padded = jnp.pad(tx, ((0, 0), (0, 1), (0, 0), (0, 0)))
+  return _xla(padded, kernel, spec._replace(padding=((top, bottom - 1), cols)))
+
+
+@functools.partial(jax.checkpoint, static_argnums=(2,))
+def _checkpointed_kernel_term(x, tk, spec: _Spec):
+  """The forward map's tangent in `tk`; its transpose is the kernel gradient.
+
+  Under ``jax.checkpoint`` the linearisation keeps `x` and forms the blocks
+  below again when the gradient needs them.
+  """
+  if _pointwise(tk, spec):
+    return _matmul(_subsample(x, spec), tk)
+  if spec.groups != 1 or (x.shape[0] <= _NARROW and tk.shape[-1] <= _NARROW):
+    return _xla(x, tk, spec)
+  # Images and output channels in blocks of at most 16: the transpose of
+  # each block is a kernel gradient whose input and output features (the
+  # images and the channels) are both at most 16. The blocks read the input
+  # as (C, H, W, N) and write (H, W, N, C), the layouts of XLA's kernel
+  # gradient, so that neither the input nor the output gradient changes
+  # layout once per block.
+  xt = x.transpose(3, 1, 2, 0)
+  dims = lax.conv_dimension_numbers(xt.shape, tk.shape,
+                                    ("CHWN", "HWIO", "HWNC"))
+  blocks = []
+  for i in range(0, x.shape[0], _NARROW):
+    blocks.append(jnp.concatenate(
+        [lax.conv_general_dilated(
+            xt[..., i:i + _NARROW], tk[..., j:j + _NARROW],
+            window_strides=spec.strides, padding=spec.padding,
+            dimension_numbers=dims)
+         for j in range(0, tk.shape[-1], _NARROW)], axis=-1))
+  return jnp.concatenate(blocks, axis=2).transpose(2, 0, 1, 3)
+
+
+def _cpu_kernel_term(x, tk, spec: _Spec):
+  return _checkpointed_kernel_term(x, tk, spec)
 
 
 def _materialized(x: jax.Array) -> jax.Array:
@@ -45,30 +175,56 @@ def _materialized(x: jax.Array) -> jax.Array:
   return lax.platform_dependent(x, cpu=cpu, default=lambda x: x)
 
 
-def _conv(x, kernel, strides, padding, groups):
-  return lax.conv_general_dilated(
-      x, kernel, window_strides=strides, padding=padding,
-      dimension_numbers=_DIMENSIONS, feature_group_count=groups)
+def _batch_shards(x) -> int:
+  """Over how many devices the batch axis of `x` is split, as its type says
+  (explicit sharding); 1 when it is not split or not typed."""
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  spec = getattr(sharding, "spec", None)
+  if not spec or spec[0] is None:
+    return 1
+  axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+  return int(np.prod([sharding.mesh.shape[a] for a in axes]))
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3, 4))
-def _conv_with_saved_input(x, kernel, strides, padding, groups):
-  return _conv(x, kernel, strides, padding, groups)
+def _on_cpu(cpu, x, kernel, spec: _Spec, impl: str):
+  """`cpu` on CPUs, XLA's convolution elsewhere.
+
+  A batch split over several devices keeps XLA's convolution, whose
+  partitioning XLA knows; the formulations are for one device's batch.
+  """
+  xla = functools.partial(_xla, spec=spec)
+  if impl == "xla" or _batch_shards(x) > 1:
+    return xla(x, kernel)
+  want = jax.eval_shape(xla, x, kernel)
+
+  def on_cpu(x, kernel):
+    y = cpu(x, kernel, spec=spec)
+    # With explicit sharding on one device, the layout changes inside
+    # `cpu` can leave the (trivial) sharding on another axis of the type.
+    target = getattr(want, "sharding", None)
+    if target is not None and jax.typeof(y).sharding != target:
+      y = jax.sharding.reshard(y, target)
+    return y
+
+  return lax.platform_dependent(x, kernel, cpu=on_cpu, default=xla)
 
 
-@functools.partial(_conv_with_saved_input.defjvp, symbolic_zeros=True)
-def _conv_jvp(strides, padding, groups, primals, tangents):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _conv(x, kernel, spec: _Spec, impl: str):
+  return _on_cpu(_cpu_forward, x, kernel, spec, impl)
+
+
+@functools.partial(_conv.defjvp, symbolic_zeros=True)
+def _conv_jvp(spec, impl, primals, tangents):
   x, kernel = primals
   tx, tk = tangents
   x = _materialized(x)
-  conv = functools.partial(_conv, strides=strides, padding=padding,
-                           groups=groups)
-  y = conv(x, kernel)
+  y = _on_cpu(_cpu_forward, x, kernel, spec, impl)
   terms = []
   if not isinstance(tx, jax.custom_derivatives.SymbolicZero):
-    terms.append(conv(tx, kernel))
+    terms.append(_on_cpu(_cpu_input_term, tx, kernel, spec, impl))
   if not isinstance(tk, jax.custom_derivatives.SymbolicZero):
-    terms.append(conv(x, tk))
+    terms.append(_on_cpu(_cpu_kernel_term, x, tk, spec, impl))
   ty = functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(y)
   return y, ty
 
@@ -80,6 +236,7 @@ def conv2d(
     strides: Sequence[int] = (1, 1),
     padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0)),
     groups: int = 1,
+    impl: str = "auto",
 ) -> jax.Array:
   """Cross-correlation of NHWC images with an HWIO kernel.
 
@@ -89,18 +246,26 @@ def conv2d(
     strides: the two spatial strides.
     padding: explicit ``(low, high)`` zero padding of each spatial dim.
     groups: feature groups (ResNeXt's cardinality).
+    impl: ``"auto"``: formulated for a fast plain ``jax.jit`` on CPUs (see
+      the module docstring), XLA's convolution elsewhere; ``"xla"``: XLA's
+      convolution everywhere (with the saved input of the module
+      docstring), which XLA:CPU runs on YNNPACK unless the compiler option
+      ``xla_cpu_experimental_ynn_fusion_type`` leaves convolutions out.
 
   Returns:
     (N, H', W', K), in the dtype of the operands.
 
   Raises:
-    ValueError: if the shapes do not fit.
+    ValueError: if the shapes do not fit or `impl` is unknown.
 
   >>> y = conv2d(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 5)),
   ...            padding=((1, 1), (1, 1)))
   >>> y.shape, float(y[0, 1, 1, 0]), float(y[0, 0, 0, 0])
   ((1, 4, 4, 5), 18.0, 8.0)
   """
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(
+        f"impl must be one of {list(IMPLEMENTATIONS)}, got {impl!r}.")
   if x.ndim != 4 or kernel.ndim != 4:
     raise ValueError(
         f"conv2d expects NHWC x and HWIO kernel, got shapes {x.shape} and"
@@ -109,6 +274,8 @@ def conv2d(
     raise ValueError(
         f"x has {x.shape[-1]} channels but kernel {kernel.shape} with"
         f" groups={groups} expects {kernel.shape[2] * groups}.")
-  return _conv_with_saved_input(
-      x, kernel, tuple(int(s) for s in strides),
-      tuple((int(lo), int(hi)) for lo, hi in padding), int(groups))
+  spec = _Spec(tuple(int(s) for s in strides),
+               tuple((int(lo), int(hi)) for lo, hi in padding), int(groups))
+  if min(spec.strides) < 1:
+    raise ValueError(f"strides must be positive, got {spec.strides}.")
+  return _conv(x, kernel, spec, impl)

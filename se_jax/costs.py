@@ -72,7 +72,8 @@ def macs_of_jaxpr(jaxpr, *, count_padding: bool = True) -> int:
       input, as XLA's cost analysis does.
 
   Sub-jaxprs (jit, custom derivatives) are counted once each: a forward pass
-  of these networks has no loops.
+  of these networks has no loops. The branches of a ``cond`` are
+  alternatives, and count as the cheapest.
   """
   jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
   total = 0
@@ -82,8 +83,14 @@ def macs_of_jaxpr(jaxpr, *, count_padding: bool = True) -> int:
       total += _conv_macs(eqn, count_padding)
     elif name == "dot_general":
       total += _dot_macs(eqn)
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      total += macs_of_jaxpr(sub, count_padding=count_padding)
+    subs = [macs_of_jaxpr(sub, count_padding=count_padding)
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params)]
+    if name == "cond":
+      # Alternative implementations of one computation (e.g. the
+      # platform-dependent convolutions of se_jax.conv): the cheapest.
+      total += min(subs, default=0)
+    else:
+      total += sum(subs)
   return total
 
 

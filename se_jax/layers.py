@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from se_jax import primitives
-from se_jax.conv import conv2d
+from se_jax.conv import IMPLEMENTATIONS, conv2d
 
 __all__ = ["BatchNorm", "Conv", "SqueezeExcite"]
 
@@ -236,6 +236,7 @@ class Conv(nnx.Module):
     groups: feature groups.
     kernel_init: initializer of the kernel.
     dtype: compute dtype (None: the promoted dtype of input and kernel).
+    impl: how `se_jax.conv.conv2d` computes it (``"auto"`` or ``"xla"``).
     rngs: ``nnx.Rngs`` with a ``params`` stream.
   """
 
@@ -246,7 +247,8 @@ class Conv(nnx.Module):
                    (0, 0), (0, 0)),
                groups: int = 1,
                kernel_init=nnx.initializers.lecun_normal(), dtype=None,
-               rngs: nnx.Rngs):
+               impl: str = "auto", rngs: nnx.Rngs):
+    primitives._check_choice("impl", impl, IMPLEMENTATIONS)
     if in_features % groups or out_features % groups:
       raise ValueError(
           f"in_features {in_features} and out_features {out_features} must"
@@ -260,10 +262,11 @@ class Conv(nnx.Module):
     self.padding = tuple(tuple(p) for p in padding)
     self.groups = groups
     self.dtype = dtype
+    self.impl = impl
 
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.kernel[...]
     dtype = self.dtype or jnp.promote_types(x.dtype, kernel.dtype)
     return conv2d(x.astype(dtype), kernel.astype(dtype),
                   strides=self.strides, padding=self.padding,
-                  groups=self.groups)
+                  groups=self.groups, impl=self.impl)

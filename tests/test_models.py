@@ -393,8 +393,7 @@ def test_se_adds_no_activation_memory_to_a_training_step():
       return optax.softmax_cross_entropy_with_integer_labels(
           m(x), labels).mean()
 
-    compiled = jax.jit(jax.grad(loss_fn)).lower(params).compile(
-        compiler_options=se_jax.compiler_options())
+    compiled = jax.jit(jax.grad(loss_fn)).lower(params).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
   assert temp_bytes("cifar_se_resnet20") / temp_bytes("cifar_resnet20") < 1.03

@@ -20,7 +20,7 @@ _OPTION_TYPES = {
     "reduction": float, "rounding": str, "se_bias": bool, "squeeze": str,
     "activation": str, "gate": str, "integration": str, "position": str,
     "se_stages": tuple, "no_squeeze": bool, "stride": str, "ceil_pool": bool,
-    "preact": bool, "relu_before_se": bool, "widths": tuple, "stem_width": int, "stage_sizes": tuple,
+    "preact": bool, "relu_before_se": bool, "widths": tuple, "stem_width": int, "stage_sizes": tuple, "conv_impl": str,
 }
 
 

@@ -15,7 +15,7 @@ __all__ = ["MODEL_OPTIONS", "SE_OPTIONS", "create", "names", "register"]
 SE_OPTIONS = tuple(SEConfig._fields)
 MODEL_OPTIONS = ("stride", "ceil_pool", "preact", "relu_before_se",
                  "in_channels", "dtype", "widths", "stem_width",
-                 "stage_sizes")
+                 "stage_sizes", "conv_impl")
 
 
 class _Entry(NamedTuple):

@@ -103,11 +103,12 @@ def check_se_config(se: SEConfig) -> None:
     )
 
 
-def _conv(cin, cout, k, *, stride=1, groups=1, dtype, rngs):
+def _conv(cin, cout, k, *, stride=1, groups=1, dtype, impl, rngs):
   p = k // 2
   return Conv(
       cin, cout, (k, k), strides=(stride, stride), padding=((p, p), (p, p)),
-      groups=groups, kernel_init=_conv_init, dtype=dtype, rngs=rngs,
+      groups=groups, kernel_init=_conv_init, dtype=dtype, impl=impl,
+      rngs=rngs,
   )
 
 
@@ -133,6 +134,8 @@ class ResidualUnit(nnx.Module):
     se: an `SEConfig`, or None for a unit without SE.
     tag: name of the unit's SE gates, e.g. ``"SE_2_1"``.
     dtype: compute dtype.
+    conv_impl: how the convolutions are computed, see
+      `se_jax.conv.conv2d`.
     rngs: ``nnx.Rngs``.
   """
 
@@ -141,7 +144,8 @@ class ResidualUnit(nnx.Module):
       stride: int = 1, stride_on: str = "v1.5", groups: int = 1,
       base_width: int = 64, preact: bool = False,
       relu_before_se: bool = False, se: SEConfig | None = None,
-      tag: str = "gates", dtype=None, rngs: nnx.Rngs,
+      tag: str = "gates", dtype=None, conv_impl: str = "auto",
+      rngs: nnx.Rngs,
   ):
     _check_choice("block", block, BLOCKS)
     _check_choice("stride", stride_on, STRIDES)
@@ -169,7 +173,8 @@ class ResidualUnit(nnx.Module):
     self.preact = preact
     self.relu_before_se = relu_before_se
     self.convs = nnx.List([
-        _conv(ci, co, k, stride=s, groups=g, dtype=dtype, rngs=rngs)
+        _conv(ci, co, k, stride=s, groups=g, dtype=dtype, impl=conv_impl,
+              rngs=rngs)
         for ci, co, k, s, g in shapes
     ])
     n_norms = len(shapes) - 1 if preact else len(shapes)
@@ -180,7 +185,8 @@ class ResidualUnit(nnx.Module):
 
     project = stride != 1 or in_channels != out
     self.proj = (
-        _conv(in_channels, out, 1, stride=stride, dtype=dtype, rngs=rngs)
+        _conv(in_channels, out, 1, stride=stride, dtype=dtype,
+              impl=conv_impl, rngs=rngs)
         if project else None
     )
     self.proj_norm = (
@@ -291,6 +297,9 @@ class ResNet(nnx.Module):
     num_classes: classifier outputs.
     in_channels: channels of the input images.
     dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
+    conv_impl: how the convolutions are computed: ``"auto"`` (fast under a
+      plain ``jax.jit`` on every platform) or ``"xla"``, see
+      `se_jax.conv.conv2d`.
     rngs: ``nnx.Rngs`` with a ``params`` stream.
 
   Input: (N, H, W, in_channels) float images. Output: (N, num_classes)
@@ -305,7 +314,8 @@ class ResNet(nnx.Module):
       ceil_pool: bool | None = None, groups: int = 1, base_width: int = 64,
       preact: bool = False, relu_before_se: bool = False,
       se: SEConfig | None = None, num_classes: int = 1000,
-      in_channels: int = 3, dtype=None, rngs: nnx.Rngs,
+      in_channels: int = 3, dtype=None, conv_impl: str = "auto",
+      rngs: nnx.Rngs,
   ):
     _check_choice("stem", stem, STEMS)
     _check_choice("stride", stride, STRIDES)
@@ -346,7 +356,7 @@ class ResNet(nnx.Module):
     self.dtype = dtype
     k, s = (7, 2) if stem == "imagenet" else (3, 1)
     self.stem_conv = _conv(in_channels, stem_width, k, stride=s, dtype=dtype,
-                           rngs=rngs)
+                           impl=conv_impl, rngs=rngs)
     # A pre-activation net normalises the stem output in its first unit.
     self.stem_norm = (
         None if preact and stem == "cifar"
@@ -367,7 +377,8 @@ class ResNet(nnx.Module):
             c, planes, block=block, stride=stride_ij, stride_on=stride,
             groups=groups, base_width=base_width, preact=preact,
             relu_before_se=relu_before_se, se=stage_se,
-            tag=f"SE_{stage_no}_{j + 1}", dtype=dtype, rngs=rngs,
+            tag=f"SE_{stage_no}_{j + 1}", dtype=dtype, conv_impl=conv_impl,
+            rngs=rngs,
         )
         c = unit.out_channels
         units.append(unit)
