@@ -40,8 +40,9 @@ from experiments.provenance import provenance
 from se_jax.models import create
 
 __all__ = ["EXECUTION_KEYS", "NonFiniteLossError", "WorkdirLockedError",
-           "build_model", "finished_result", "make_optimizer",
-           "make_schedule", "recipe", "restore_model", "train_and_evaluate"]
+           "build_model", "finished_result", "init_state", "make_optimizer",
+           "make_schedule", "make_train_step", "recipe", "restore_model",
+           "train_and_evaluate"]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -125,6 +126,66 @@ def _top_k_correct(logits, labels, k):
   k = min(k, logits.shape[-1])
   top = jax.lax.top_k(logits, k)[1]
   return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *,
+                    num_classes: int, label_smoothing: float = 0.0):
+  """The training step of every run, a pure function to jit.
+
+  Args:
+    graphdef: the model's graph, from ``nnx.split(model, nnx.Param,
+      nnx.BatchStat)``.
+    tx: the optimizer, e.g. `make_optimizer`.
+    schedule: the learning rate as a function of the step (logged).
+    num_classes: classifier outputs.
+    label_smoothing: of the cross-entropy targets.
+
+  Returns:
+    ``train_step(state, batch) -> (state, metrics)``: one SGD step on a
+    ``{"image", "label"}`` batch in training mode (batch statistics), with
+    `state` a dict of ``step``, ``rng``, ``params``, ``batch_stats`` and
+    ``opt_state``, and metrics ``loss``, ``top1_err`` (%), ``lr`` and
+    ``params_finite`` (1.0 while every parameter is finite).
+  """
+
+  def train_step(state, batch):
+    def loss_fn(params):
+      m = nnx.merge(graphdef, params, state["batch_stats"], copy=True)
+      logits = m(batch["image"])
+      loss = _cross_entropy(logits, batch["label"], num_classes,
+                            label_smoothing).mean()
+      return loss, (nnx.state(m, nnx.BatchStat), logits)
+
+    (loss, (stats, logits)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new = {
+        "step": state["step"] + 1,
+        "rng": state["rng"],
+        "params": optax.apply_updates(state["params"], updates),
+        "batch_stats": stats,
+        "opt_state": opt_state,
+    }
+    top1 = 1.0 - _top_k_correct(logits, batch["label"], 1).mean()
+    params_finite = jnp.all(jnp.stack([
+        jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new["params"])]))
+    return new, {"loss": loss, "top1_err": 100.0 * top1,
+                 "lr": schedule(state["step"]),
+                 "params_finite": params_finite.astype(jnp.float32)}
+
+  return train_step
+
+
+def init_state(params, batch_stats, tx: optax.GradientTransformation,
+               seed: int) -> dict:
+  """The training state `make_train_step`'s step takes, at step 0."""
+  return {
+      "step": jnp.zeros((), jnp.int32),
+      "rng": jax.random.key_data(jax.random.key(seed)),
+      "params": params,
+      "batch_stats": batch_stats,
+      "opt_state": tx.init(params),
+  }
 
 
 # ------------------------------------------------------------ workdir
@@ -300,14 +361,8 @@ def _run(config, workdir):
                             nnx.Param, nnx.BatchStat)[0]
   schedule = make_schedule(config, steps_per_epoch, total_steps)
   tx = make_optimizer(config, schedule)
-  state = {
-      "step": jnp.zeros((), jnp.int32),
-      "rng": jax.random.key_data(jax.random.key(config.seed)),
-      "params": params,
-      "batch_stats": batch_stats,
-      "opt_state": tx.init(params),
-  }
-  state = jax.device_put(state, replicated)
+  state = jax.device_put(init_state(params, batch_stats, tx, config.seed),
+                         replicated)
 
   ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
   manager = ocp.CheckpointManager(
@@ -324,30 +379,9 @@ def _run(config, workdir):
   num_classes = info.num_classes
   smoothing = config.label_smoothing
 
-  def train_step(state, batch):
-    def loss_fn(params):
-      m = nnx.merge(graphdef, params, state["batch_stats"], copy=True)
-      logits = m(batch["image"])
-      loss = _cross_entropy(logits, batch["label"], num_classes,
-                            smoothing).mean()
-      return loss, (nnx.state(m, nnx.BatchStat), logits)
-
-    (loss, (stats, logits)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    new = {
-        "step": state["step"] + 1,
-        "rng": state["rng"],
-        "params": optax.apply_updates(state["params"], updates),
-        "batch_stats": stats,
-        "opt_state": opt_state,
-    }
-    top1 = 1.0 - _top_k_correct(logits, batch["label"], 1).mean()
-    params_finite = jnp.all(jnp.stack([
-        jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new["params"])]))
-    return new, {"loss": loss, "top1_err": 100.0 * top1,
-                 "lr": schedule(state["step"]),
-                 "params_finite": params_finite.astype(jnp.float32)}
+  train_step = make_train_step(graphdef, tx, schedule,
+                               num_classes=num_classes,
+                               label_smoothing=smoothing)
 
   def eval_step(state, batch):
     m = nnx.merge(eval_graphdef, state["params"], state["batch_stats"])
