@@ -17,9 +17,11 @@ import pytest
 from flax import nnx
 
 from se_jax import attention
+from se_jax import primitives
+from se_jax.attention import cbam
 from se_jax.attention import ese
 
-NEW_KINDS = ["ese"]
+NEW_KINDS = ["ese", "cbam"]
 
 
 # ------------------------------------------------------------------ helpers
@@ -76,6 +78,36 @@ def _capture(module, x):
 def _eval(module):
   return nnx.view(module, use_running_average=True,
                   raise_if_not_found=False)
+
+
+def _np_conv_same(x, kernel):
+  """Zero-padded stride-1 convolution of an NHWC map with an HWIO kernel."""
+  x, kernel = _f64(x), _f64(kernel)
+  kh, kw = kernel.shape[:2]
+  n, h, w, _ = x.shape
+  xp = np.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+  out = np.zeros((n, h, w, kernel.shape[3]))
+  for a in range(kh):
+    for b in range(kw):
+      out += xp[:, a:a + h, b:b + w, :] @ kernel[a, b]
+  return out
+
+
+def _np_norm(bn):
+  """A se_jax BatchNorm in eval mode, as a NumPy function."""
+  mean, var = _f64(bn.mean[...]), _f64(bn.var[...])
+  scale, bias = _f64(bn.scale[...]), _f64(bn.bias[...])
+  return lambda v: (v - mean) / np.sqrt(var + bn.epsilon) * scale + bias
+
+
+def _random_bn(bn, seed):
+  rng = np.random.default_rng(seed)
+  c = bn.scale[...].shape[0]
+  bn.scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32)
+  bn.bias[...] = jnp.asarray(rng.normal(size=c), jnp.float32)
+  bn.mean[...] = jnp.asarray(0.3 * rng.normal(size=c), jnp.float32)
+  bn.var[...] = jnp.asarray(rng.uniform(0.5, 1.5, c), jnp.float32)
+  return bn
 
 
 def _raises(exc, match, fn, *args, **kwargs):
@@ -175,7 +207,7 @@ def test_option_names_have_one_type_across_kinds_and_models():
 def test_module_keeps_shape_and_dtype(kind, dtype):
   m = attention.create(kind, 16, rngs=nnx.Rngs(0))
   x = jnp.asarray(_x((2, 8, 8, 16)), dtype)
-  y = m(x)
+  y = nnx.jit(lambda m, x: m(x))(m, x)
   assert y.shape == x.shape and y.dtype == dtype
   assert np.all(np.isfinite(np.asarray(y, np.float32)))
   for _, v in nnx.to_flat_state(nnx.state(m, nnx.Param)):
@@ -330,3 +362,160 @@ def test_ese_matches_timm():
   assert type(t.gate).__name__ == "Hardsigmoid" and not t.add_maxpool
   assert attention.make_options("ese") == ese.ESEOptions(
       gate="hard_sigmoid", add_maxpool=False)
+
+
+# -------------------------------------------------------------------- CBAM
+
+
+def _ref_mlp(mlp, z, activation="relu"):
+  w1, b1, w2, b2 = mlp
+  h = z @ _f64(w1) + (0 if b1 is None else _f64(b1))
+  return NP_ACTIVATIONS[activation](h) @ _f64(w2) + (
+      0 if b2 is None else _f64(b2))
+
+
+def _ref_cbam(mlp, kernel, x, norm=None, gate="sigmoid"):
+  x = _f64(x)
+  g = NP_GATES[gate](_ref_mlp(mlp, x.mean(axis=(1, 2)))
+                     + _ref_mlp(mlp, x.max(axis=(1, 2))))
+  x1 = x * g[:, None, None, :]
+  d = np.stack([x1.mean(axis=-1), x1.max(axis=-1)], axis=-1)
+  s = _np_conv_same(d, kernel)
+  if norm is not None:
+    s = norm(s)
+  sg = NP_GATES[gate](s[..., 0])
+  return x1 * sg[..., None], g, sg
+
+
+def _cbam_params(c=16, r=4, k=7, bias=True, seed=1):
+  mlp = primitives.ExciteParams(
+      _normal((c, r), seed), _normal((r,), seed + 1) if bias else None,
+      _normal((r, c), seed + 2), _normal((c,), seed + 3) if bias else None)
+  return cbam.CBAMParams(mlp, _normal((k, k, 2, 1), seed + 4, scale=0.2))
+
+
+@pytest.mark.parametrize("bias,k,gate", [(True, 7, "sigmoid"),
+                                         (False, 3, "hard_sigmoid")])
+def test_cbam_matches_reference(bias, k, gate):
+  p, x = _cbam_params(bias=bias, k=k), _x((2, 7, 9, 16))
+  norm = (lambda v: 1.5 * v - 0.25)
+  f = jax.jit(functools.partial(
+      cbam.convolutional_block_attention, spatial_norm=norm, gate=gate,
+      return_gates=True))
+  y, (g, sg) = f(p, x)
+  want_y, want_g, want_s = _ref_cbam(p.mlp, p.spatial_kernel, x,
+                                     norm=lambda v: 1.5 * v - 0.25,
+                                     gate=gate)
+  assert g.shape == (2, 16) and sg.shape == (2, 7, 9)
+  _close(g, want_g)
+  _close(sg, want_s)
+  _close(y, want_y)
+  # The pieces on their own.
+  _close(jax.jit(cbam.cbam_channel_gate)(p.mlp, x), _ref_cbam(
+      p.mlp, p.spatial_kernel, x)[1])
+  d = cbam.cbam_spatial_descriptor(x)
+  _close(d, np.stack([_f64(x).mean(-1), _f64(x).max(-1)], -1))
+  _close(jax.jit(cbam.cbam_spatial_gate)(p.spatial_kernel, d),
+         _sigmoid(_np_conv_same(d, p.spatial_kernel)[..., 0]))
+
+
+def test_cbam_bfloat16_and_channels_first():
+  p, x = _cbam_params(), _x((2, 6, 6, 16))
+  xb, x64 = _bf16(x)
+  y, (g, sg) = jax.jit(functools.partial(
+      cbam.convolutional_block_attention, return_gates=True))(p, xb)
+  want_y, want_g, want_s = _ref_cbam(p.mlp, p.spatial_kernel, x64)
+  assert y.dtype == jnp.bfloat16
+  assert g.dtype == jnp.float32 and sg.dtype == jnp.float32
+  _close(g, want_g)
+  _close(sg, want_s)
+  _close(y, want_y, rtol=1e-2, atol=1e-2)
+  y_first = cbam.convolutional_block_attention(
+      p, np.moveaxis(x, -1, 1), data_format="NCHW")
+  _close(np.moveaxis(np.asarray(y_first), 1, -1),
+         _ref_cbam(p.mlp, p.spatial_kernel, x)[0])
+
+
+def test_cbam_module_eval_train_and_recording():
+  m = attention.create("cbam", 32, tag="CBAM_3_2", rngs=nnx.Rngs(0))
+  _random_bn(m.spatial_norm, 3)
+  x = _x((2, 6, 5, 32))
+  mlp = m.params.mlp
+  y, rec = _capture(_eval(m), x)
+  want_y, want_g, want_s = _ref_cbam(mlp, m.spatial_kernel[...], x,
+                                     norm=_np_norm(m.spatial_norm))
+  assert set(rec) == {"CBAM_3_2", "CBAM_3_2:spatial"}
+  _close(rec["CBAM_3_2"], want_g)
+  _close(rec["CBAM_3_2:spatial"], want_s)
+  _close(y, want_y)
+  # Training: the spatial BatchNorm uses the batch's statistics and
+  # updates its running ones.
+  before = np.asarray(m.spatial_norm.mean[...])
+  batch_stats = {}
+
+  def batch_norm(v):
+    batch_stats["mean"] = v.mean(axis=(0, 1, 2))
+    batch_stats["var"] = v.var(axis=(0, 1, 2))
+    return ((v - batch_stats["mean"]) / np.sqrt(batch_stats["var"] + 1e-5)
+            * _f64(m.spatial_norm.scale[...]) + _f64(m.spatial_norm.bias[...]))
+
+  want_y = _ref_cbam(mlp, m.spatial_kernel[...], x, norm=batch_norm)[0]
+  _close(m(x), want_y, atol=1e-5)
+  _close(m.spatial_norm.mean[...], 0.9 * before + 0.1 * batch_stats["mean"])
+
+
+def test_cbam_widths_and_bad_input():
+  assert [cbam.cbam_reduced_width(c) for c in (16, 24, 40, 64, 2048)] == [
+      1, 2, 3, 4, 128]
+  assert cbam.cbam_reduced_width(40, rounding="paper") == 2
+  _raises(ValueError, "leaves 0 channels", cbam.cbam_reduced_width, 8,
+          rounding="paper")
+  p, x = _cbam_params(), _x()
+  _raises(ValueError, r"kernel must be \(k, k, 2, 1\) with k odd",
+          cbam.convolutional_block_attention, p._replace(
+              spatial_kernel=np.zeros((4, 4, 2, 1), np.float32)), x)
+  _raises(ValueError, "params are for 16 channels",
+          cbam.convolutional_block_attention, p, x[..., :8])
+  _raises(ValueError, "data_format must be one of",
+          cbam.convolutional_block_attention, p, x, data_format="NWC")
+  _raises(ValueError, "expects x of rank 4",
+          cbam.convolutional_block_attention, p, x[0])
+  _raises(TypeError, "params must be a CBAMParams",
+          cbam.convolutional_block_attention, p.mlp, x)
+  _raises(TypeError, "x must be a floating-point",
+          cbam.convolutional_block_attention, p, x.astype(np.int32))
+  _raises(ValueError, r"d must be \(N, H, W, 2\)", cbam.cbam_spatial_gate,
+          p.spatial_kernel, x)
+  _raises(ValueError, "activation must be one of", cbam.cbam_channel_gate,
+          p.mlp, x, activation="tanh")
+  for bad in [dict(spatial_kernel_size=6), dict(reduction=0),
+              dict(rounding="up"), dict(mlp_bias="no"), dict(gate="x"),
+              dict(activation="x")]:
+    name = next(iter(bad))
+    _raises(ValueError, name, cbam.CBAMOptions, **bad)
+
+
+def test_cbam_matches_timm():
+  pytest.importorskip("timm")
+  from timm.layers.cbam import CbamModule
+  from timm.layers.helpers import make_divisible
+  m = attention.create("cbam", 32, rngs=nnx.Rngs(0))
+  _check_timm(m, CbamModule(32), _x((2, 9, 10, 32), loc=0.0))
+  m = attention.create("cbam", 24, reduction=4, mlp_bias=True,
+                       spatial_kernel_size=3, rngs=nnx.Rngs(0))
+  _check_timm(m, CbamModule(24, rd_ratio=1 / 4, mlp_bias=True,
+                            spatial_kernel_size=3), _x((2, 5, 4, 24)))
+  # Defaults as timm's.
+  t = CbamModule(48)
+  o = attention.make_options("cbam")
+  assert attention.create("cbam", 48, rngs=nnx.Rngs(0)).reduced_channels \
+      == t.channel.fc1.out_channels == 3
+  assert (t.channel.fc1.bias is None) == (not o.mlp_bias)
+  assert t.spatial.conv.conv.kernel_size == (o.spatial_kernel_size,) * 2
+  assert t.spatial.conv.conv.bias is None
+  assert t.spatial.conv.bn.eps == m.spatial_norm.epsilon
+  assert t.spatial.conv.bn.momentum == pytest.approx(
+      1 - m.spatial_norm.momentum)
+  assert type(t.channel.act).__name__ == "ReLU" and o.activation == "relu"
+  assert all(cbam.cbam_reduced_width(c) == make_divisible(
+      c * (1 / 16), 1, round_limit=0.0) for c in range(1, 600))

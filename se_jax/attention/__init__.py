@@ -18,6 +18,7 @@ from typing import Any
 
 from flax import nnx
 
+from se_jax.attention import cbam
 from se_jax.attention import eca
 from se_jax.attention import ese
 from se_jax.attention import se
@@ -30,6 +31,7 @@ KINDS: dict[str, type[Attention]] = {
     "se": se.SqueezeExcite,
     "eca": eca.EfficientChannelAttention,
     "ese": ese.EffectiveSqueezeExcite,
+    "cbam": cbam.ConvolutionalBlockAttention,
 }
 """Registry name -> attention class."""
 
