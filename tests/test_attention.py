@@ -20,8 +20,9 @@ from se_jax import attention
 from se_jax import primitives
 from se_jax.attention import cbam
 from se_jax.attention import ese
+from se_jax.attention import ge
 
-NEW_KINDS = ["ese", "cbam"]
+NEW_KINDS = ["ese", "cbam", "ge"]
 
 
 # ------------------------------------------------------------------ helpers
@@ -207,8 +208,10 @@ def test_option_names_have_one_type_across_kinds_and_models():
 def test_module_keeps_shape_and_dtype(kind, dtype):
   m = attention.create(kind, 16, rngs=nnx.Rngs(0))
   x = jnp.asarray(_x((2, 8, 8, 16)), dtype)
-  y = nnx.jit(lambda m, x: m(x))(m, x)
+  y, captured = nnx.jit(
+      lambda m, x: nnx.capture(m, nnx.Intermediate)(x))(m, x)
   assert y.shape == x.shape and y.dtype == dtype
+  assert not nnx.to_flat_state(captured)  # Nothing unless asked.
   assert np.all(np.isfinite(np.asarray(y, np.float32)))
   for _, v in nnx.to_flat_state(nnx.state(m, nnx.Param)):
     assert v[...].dtype == jnp.float32
@@ -225,13 +228,6 @@ def test_options_are_frozen_and_reject_unknown_names(kind):
           rngs=nnx.Rngs(0))
   _raises(ValueError, "channels must be a positive int",
           attention.KINDS[kind], 0, rngs=nnx.Rngs(0))
-
-
-@pytest.mark.parametrize("kind", NEW_KINDS)
-def test_nothing_is_recorded_unless_asked(kind):
-  m = attention.create(kind, 16, rngs=nnx.Rngs(0))
-  _, captured = nnx.capture(m, nnx.Intermediate)(_x())
-  assert not nnx.to_flat_state(captured)
 
 
 # --------------------------------------------------------------------- eSE
@@ -519,3 +515,244 @@ def test_cbam_matches_timm():
   assert type(t.channel.act).__name__ == "ReLU" and o.activation == "relu"
   assert all(cbam.cbam_reduced_width(c) == make_divisible(
       c * (1 / 16), 1, round_limit=0.0) for c in range(1, 600))
+
+
+# ------------------------------------------------------------ Gather-Excite
+
+
+def _np_pool(x, e, op):
+  """Windows of 2e - 1 with stride e and padding e - 1, over the positions
+  inside the map only."""
+  x = _f64(x)
+  k, p = 2 * e - 1, e - 1
+  n, h, w, c = x.shape
+  ho, wo = (h + 2 * p - k) // e + 1, (w + 2 * p - k) // e + 1
+  out = np.zeros((n, ho, wo, c))
+  for i in range(ho):
+    r = slice(max(i * e - p, 0), min(i * e - p + k, h))
+    for j in range(wo):
+      q = slice(max(j * e - p, 0), min(j * e - p + k, w))
+      out[:, i, j] = op(x[:, r, q], axis=(1, 2))
+  return out
+
+
+def _np_upsample(g, h, w):
+  """Nearest neighbour: output row i reads row floor(i * h_in / h)."""
+  rows = np.arange(h) * g.shape[1] // h
+  cols = np.arange(w) * g.shape[2] // w
+  return g[:, rows][:, :, cols]
+
+
+def _np_depthwise(x, kernel, stride, pad):
+  x, kernel = _f64(x), _f64(kernel)
+  kh, kw = kernel.shape[:2]
+  xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  ho = (xp.shape[1] - kh) // stride + 1
+  wo = (xp.shape[2] - kw) // stride + 1
+  out = np.zeros((x.shape[0], ho, wo, x.shape[3]))
+  for a in range(kh):
+    for b in range(kw):
+      out += xp[:, a:a + stride * ho:stride, b:b + stride * wo:stride] \
+          * kernel[a, b, 0]
+  return out
+
+
+def _ref_ge(params, x, extent, norms=None, add_maxpool=False,
+            gate="sigmoid"):
+  x = _f64(x)
+  if params.gather_kernels:
+    g = x
+    count = len(params.gather_kernels)
+    for i, k in enumerate(params.gather_kernels):
+      g = _np_depthwise(g, k, *((1, 0) if extent == 0 else (2, 1)))
+      if norms is not None:
+        g = norms[i](g)
+      if i < count - 1:
+        g = np.maximum(g, 0.0)
+  elif extent == 0:
+    g = x.mean(axis=(1, 2), keepdims=True)
+    if add_maxpool:
+      g = 0.5 * g + 0.5 * x.max(axis=(1, 2), keepdims=True)
+  else:
+    g = _np_pool(x, extent, np.mean)
+    if add_maxpool:
+      g = 0.5 * g + 0.5 * _np_pool(x, extent, np.max)
+  if params.mlp is not None:
+    g = _ref_mlp(params.mlp, g)
+  gates = _np_upsample(NP_GATES[gate](g), *x.shape[1:3])
+  return x * gates, gates
+
+
+def _ge_params(c=16, mlp=True, kernels=(), seed=1):
+  m = primitives.ExciteParams(
+      _normal((c, 4), seed), _normal((4,), seed + 1), _normal((4, c), seed + 2),
+      _normal((c,), seed + 3)) if mlp else None
+  return ge.GEParams(m, tuple(_normal(k, seed + 4 + i)
+                              for i, k in enumerate(kernels)))
+
+
+GE_CASES = {
+    "global": dict(extent=0),
+    "global-maxpool-nomlp": dict(extent=0, add_maxpool=True, mlp=False),
+    "e2": dict(extent=2),
+    "e4-maxpool": dict(extent=4, add_maxpool=True),
+    "e8-nomlp": dict(extent=8, mlp=False),
+    "theta-e4": dict(extent=4, kernels=[(3, 3, 1, 16)] * 2),
+    "theta-global": dict(extent=0, kernels=[(9, 11, 1, 16)]),
+}
+
+
+@pytest.mark.parametrize("case", GE_CASES)
+def test_ge_matches_reference(case):
+  kw = dict(GE_CASES[case])
+  p = _ge_params(mlp=kw.pop("mlp", True), kernels=kw.pop("kernels", ()))
+  x = _x((2, 9, 11, 16))
+  norms = None
+  if p.gather_kernels:
+    norms = [lambda v, i=i: (1.0 + 0.5 * i) * v - 0.1
+             for i in range(len(p.gather_kernels))]
+  y, g = jax.jit(functools.partial(ge.gather_excite, gather_norms=norms,
+                                   return_gates=True, **kw))(p, x)
+  want_y, want_g = _ref_ge(p, x, norms=norms, **kw)
+  if kw["extent"] == 0:
+    assert g.shape == (2, 16)
+    want_g = want_g[:, 0, 0]
+  _close(g, want_g)
+  _close(y, want_y)
+
+
+def test_ge_pieces_bfloat16_and_channels_first():
+  x = _x((2, 9, 11, 16))
+  _close(jax.jit(functools.partial(ge.ge_gather, extent=2))(x),
+         _np_pool(x, 2, np.mean))
+  g = np.random.default_rng(0).normal(size=(2, 3, 4, 5)).astype(np.float32)
+  _close(ge.ge_upsample(g, (7, 10)), _np_upsample(_f64(g), 7, 10))
+  # The float32 source rows of PyTorch agree with exact ones here.
+  for n_in, n_out in [(5, 9), (6, 11), (3, 7), (2, 5), (4, 15), (7, 56)]:
+    np.testing.assert_array_equal(ge._nearest_index(n_in, n_out),
+                                  np.arange(n_out) * n_in // n_out)
+  p = _ge_params()
+  xb, x64 = _bf16(x)
+  y, gates = jax.jit(functools.partial(ge.gather_excite, extent=2,
+                                       return_gates=True))(p, xb)
+  want_y, want_g = _ref_ge(p, x64, 2)
+  assert y.dtype == jnp.bfloat16 and gates.dtype == jnp.float32
+  _close(gates, want_g)
+  _close(y, want_y, rtol=1e-2, atol=1e-2)
+  y_first = ge.gather_excite(p, np.moveaxis(x, -1, 1), extent=2,
+                             data_format="NCHW")
+  _close(np.moveaxis(np.asarray(y_first), 1, -1), _ref_ge(p, x, 2)[0])
+
+
+@pytest.mark.parametrize("options", [dict(), dict(extent=4),
+                                     dict(extent=2, extra_params=True),
+                                     dict(extra_params=True, ge_feat_size=6)])
+def test_ge_module_records_its_gates(options):
+  m = attention.create("ge", 16, tag="GE_2_1", rngs=nnx.Rngs(0), **options)
+  for i in range(1, m.num_gather_convs + 1):
+    _random_bn(getattr(m, f"gather_norm{i}"), i)
+  x = _x((2, 6, 6, 16))
+  norms = [_np_norm(getattr(m, f"gather_norm{i}"))
+           for i in range(1, m.num_gather_convs + 1)]
+  y, rec = _capture(_eval(m), x)
+  want_y, want_g = _ref_ge(m.params, x, m.options.extent, norms=norms)
+  _close(y, want_y)
+  if m.options.extent == 0:
+    assert set(rec) == {"GE_2_1"}
+    _close(rec["GE_2_1"], want_g[:, 0, 0])
+  else:
+    assert set(rec) == {"GE_2_1", "GE_2_1:spatial"}
+    _close(rec["GE_2_1"], want_g.mean(axis=(1, 2)))
+    _close(rec["GE_2_1:spatial"], want_g.mean(axis=-1))
+
+
+def test_ge_bad_input_and_options():
+  x = _x((2, 8, 8, 16))
+  _raises(ValueError, "extent must be a non-negative int", ge.ge_gather, x,
+          extent=-2)
+  _raises(ValueError, "extent must be 0 or a power of two",
+          ge.ge_gather_conv, [np.ones((3, 3, 1, 16), np.float32)] * 2, x,
+          extent=6)
+  _raises(ValueError, "kernels must be 1 of shape \\(8, 8, 1, 16\\)",
+          ge.ge_gather_conv, [np.ones((6, 6, 1, 16), np.float32)], x,
+          extent=0)
+  _raises(ValueError, "norms must be 2 callables", ge.ge_gather_conv,
+          [np.ones((3, 3, 1, 16), np.float32)] * 2, x, extent=4,
+          norms=[abs])
+  _raises(ValueError, "params are for 16 channels", ge.gather_excite,
+          _ge_params(), x[..., :8])
+  _raises(ValueError, "add_maxpool applies", ge.gather_excite,
+          _ge_params(kernels=[(3, 3, 1, 16)]), x, extent=2, add_maxpool=True)
+  _raises(TypeError, "params must be a GEParams", ge.gather_excite, None, x)
+  _raises(TypeError, "x must be a floating-point", ge.ge_gather,
+          x.astype(np.int32))
+  _raises(ValueError, "g must be an NHWC map", ge.ge_upsample, x[0], (4, 4))
+  for bad, match in [
+      (dict(extent=3), "extent must be 0"),
+      (dict(extent=6, extra_params=True), "power of two"),
+      (dict(extent=64, extra_params=True), "at most 32"),
+      (dict(extra_params=True), "ge_feat_size must be set"),
+      (dict(ge_feat_size=7), "ge_feat_size must be set"),
+      (dict(extra_params=True, ge_feat_size=0), "positive int"),
+      (dict(extent=2, extra_params=True, add_maxpool=True), "add_maxpool"),
+      (dict(use_mlp=1), "use_mlp must be a bool"),
+      (dict(reduction=-1), "reduction"), (dict(rounding="x"), "rounding"),
+      (dict(gate="x"), "gate"), (dict(activation="x"), "activation")]:
+    _raises(ValueError, match, ge.GEOptions, **bad)
+
+
+def _timm_ge(channels, **kw):
+  """timm's GatherExcite; built from its own parts when its constructor
+  fails (timm 1.0.31 passes device and dtype positionally to the MLP and the
+  gather convolutions) as that constructor lays them out."""
+  import torch.nn as nn
+  from timm.layers.create_conv2d import create_conv2d
+  from timm.layers.gather_excite import GatherExcite
+  from timm.layers.helpers import make_divisible
+  from timm.layers.mlp import ConvMlp
+  try:
+    return GatherExcite(channels, **kw)
+  except TypeError:
+    pass
+  extent, extra = kw.get("extent", 0), kw.get("extra_params", False)
+  m = GatherExcite(channels, extent=extent, use_mlp=False,
+                   add_maxpool=kw.get("add_maxpool", False))
+  if extra:
+    m.gather = nn.Sequential()
+    count = extent.bit_length() - 1
+    for i in range(1, count + 1):
+      m.gather.add_module(f"conv{i}", create_conv2d(
+          channels, channels, kernel_size=3, stride=2, depthwise=True))
+      m.gather.add_module(f"norm{i}", nn.BatchNorm2d(channels))
+      if i < count:
+        m.gather.add_module(f"act{i}", nn.ReLU(inplace=True))
+  if kw.get("use_mlp", True):
+    m.mlp = ConvMlp(channels, make_divisible(channels / 16, 1,
+                                             round_limit=0.0),
+                    act_layer=nn.ReLU)
+  return m
+
+
+@pytest.mark.parametrize("options", [
+    dict(), dict(extent=2), dict(extent=4, add_maxpool=True),
+    dict(extent=8, use_mlp=False), dict(extent=4, extra_params=True)])
+def test_ge_matches_timm(options):
+  pytest.importorskip("timm")
+  m = attention.create("ge", 32, rngs=nnx.Rngs(0), **options)
+  _check_timm(m, _timm_ge(32, **options), _x((2, 9, 11, 32), loc=0.0))
+
+
+def test_ge_defaults_are_timms():
+  pytest.importorskip("timm")
+  import inspect
+  from timm.layers.gather_excite import GatherExcite
+  defaults = {k: v.default for k, v in inspect.signature(
+      GatherExcite).parameters.items()}
+  o = ge.GEOptions()
+  assert (o.extent, o.extra_params, o.use_mlp, o.add_maxpool) == (
+      defaults["extent"], defaults["extra_params"], defaults["use_mlp"],
+      defaults["add_maxpool"])
+  assert 1 / o.reduction == defaults["rd_ratio"] and defaults[
+      "rd_divisor"] == 1 and defaults["gate_layer"] == o.gate
+  assert _timm_ge(48).mlp.fc1.out_channels == attention.create(
+      "ge", 48, rngs=nnx.Rngs(0)).reduced_channels == 3

@@ -21,6 +21,7 @@ from flax import nnx
 from se_jax.attention import cbam
 from se_jax.attention import eca
 from se_jax.attention import ese
+from se_jax.attention import ge
 from se_jax.attention import se
 from se_jax.attention.base import Attention, option_types
 
@@ -32,6 +33,7 @@ KINDS: dict[str, type[Attention]] = {
     "eca": eca.EfficientChannelAttention,
     "ese": ese.EffectiveSqueezeExcite,
     "cbam": cbam.ConvolutionalBlockAttention,
+    "ge": ge.GatherExcite,
 }
 """Registry name -> attention class."""
 
