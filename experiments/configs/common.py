@@ -68,6 +68,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.progress = True
   c.distributed = "auto"  # "auto", "on" or "off", see trainer.py.
+  # Runs of several processes; None: from JAX_COORDINATOR_ADDRESS,
+  # JAX_NUM_PROCESSES, JAX_PROCESS_ID, JAX_LOCAL_DEVICE_IDS or the cluster.
+  c.coordinator_address = config_dict.placeholder(str)  # "HOST:PORT".
+  c.num_processes = config_dict.placeholder(int)
+  c.process_id = config_dict.placeholder(int)
+  c.local_device_ids = config_dict.placeholder(tuple)  # This process's.
   return c
 
 
