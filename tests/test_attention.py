@@ -21,8 +21,9 @@ from se_jax import primitives
 from se_jax.attention import cbam
 from se_jax.attention import ese
 from se_jax.attention import ge
+from se_jax.attention import srm
 
-NEW_KINDS = ["ese", "cbam", "ge"]
+NEW_KINDS = ["ese", "cbam", "ge", "srm"]
 
 
 # ------------------------------------------------------------------ helpers
@@ -756,3 +757,78 @@ def test_ge_defaults_are_timms():
       "rd_divisor"] == 1 and defaults["gate_layer"] == o.gate
   assert _timm_ge(48).mlp.fc1.out_channels == attention.create(
       "ge", 48, rngs=nnx.Rngs(0)).reduced_channels == 3
+
+
+# --------------------------------------------------------------------- SRM
+
+
+def _ref_srm(cfc, x, norm=None, gate="sigmoid"):
+  x = _f64(x)
+  flat = x.reshape(x.shape[0], -1, x.shape[-1])
+  t = np.stack([flat.mean(axis=1), flat.std(axis=1, ddof=1)], axis=-1)
+  z = (t * _f64(cfc)).sum(axis=-1)
+  if norm is not None:
+    z = norm(z)
+  g = NP_GATES[gate](z)
+  return x * g[:, None, None, :], g
+
+
+def test_srm_matches_reference():
+  cfc, x = _normal((16, 2), 1, scale=1.0), _x((3, 5, 7, 16))
+  norm = lambda z: 0.7 * z + 0.2
+  f = jax.jit(functools.partial(srm.style_recalibration, norm=norm,
+                                return_gates=True))
+  y, g = f(cfc, x)
+  want_y, want_g = _ref_srm(cfc, x, norm)
+  _close(g, want_g)
+  _close(y, want_y)
+  xb, x64 = _bf16(x)
+  yb, gb = f(cfc, xb)
+  assert yb.dtype == jnp.bfloat16 and gb.dtype == jnp.float32
+  _close(gb, _ref_srm(cfc, x64, norm)[1])
+  _close(yb, _ref_srm(cfc, x64, norm)[0], rtol=1e-2, atol=1e-2)
+  # Any layout, e.g. channels-first 1-D maps.
+  x3 = _x((2, 16, 9), seed=2)
+  t = srm.style_pool(x3, data_format="NCW")
+  _close(t, np.stack([_f64(x3).mean(-1), _f64(x3).std(-1, ddof=1)], -1))
+
+
+def test_srm_gradient_is_finite_for_a_constant_channel():
+  cfc, x = _normal((16, 2), 1, scale=1.0), _x((2, 4, 4, 16))
+  x[..., 3] = 1.5
+  grad = jax.jit(jax.grad(lambda x: jnp.sum(
+      srm.style_recalibration(cfc, x) ** 2)))(x)
+  assert np.all(np.isfinite(grad))
+
+
+def test_srm_module_eval_train_and_recording():
+  m = attention.create("srm", 16, tag="SRM_4_1", rngs=nnx.Rngs(0))
+  np.testing.assert_array_equal(m.cfc[...], 0.0)
+  m.cfc[...] = jnp.asarray(_normal((16, 2), 2, scale=1.0))
+  _random_bn(m.norm, 4)
+  x = _x((4, 5, 5, 16))
+  y, rec = _capture(_eval(m), x)
+  want_y, want_g = _ref_srm(m.cfc[...], x, _np_norm(m.norm))
+  assert set(rec) == {"SRM_4_1"}
+  _close(rec["SRM_4_1"], want_g)
+  _close(y, want_y)
+  # Training normalises the (N, C) combinations over the batch.
+  scale, bias = _f64(m.norm.scale[...]), _f64(m.norm.bias[...])
+  batch_norm = lambda z: (z - z.mean(0)) / np.sqrt(z.var(0) + 1e-5) \
+      * scale + bias
+  _close(nnx.jit(lambda m, x: m(x))(m, x),
+         _ref_srm(m.cfc[...], x, batch_norm)[0], atol=1e-5)
+
+
+def test_srm_bad_input():
+  cfc, x = _normal((16, 2), 1), _x((2, 4, 4, 16))
+  _raises(ValueError, "at least 2 positions", srm.style_pool,
+          x[:, :1, :1])
+  _raises(ValueError, r"cfc must be \(C, 2\)", srm.style_recalibration,
+          cfc[:8], x)
+  _raises(ValueError, r"t must be \(N, C, 2\)", srm.srm_gate, cfc,
+          np.ones((2, 16), np.float32))
+  _raises(TypeError, "x must be a floating-point", srm.style_pool,
+          x.astype(np.int32))
+  _raises(ValueError, "gate must be one of", srm.SRMOptions, gate="x")
+

@@ -23,6 +23,7 @@ from se_jax.attention import eca
 from se_jax.attention import ese
 from se_jax.attention import ge
 from se_jax.attention import se
+from se_jax.attention import srm
 from se_jax.attention.base import Attention, option_types
 
 __all__ = ["Attention", "KINDS", "create", "make_options", "option_types",
@@ -34,6 +35,7 @@ KINDS: dict[str, type[Attention]] = {
     "ese": ese.EffectiveSqueezeExcite,
     "cbam": cbam.ConvolutionalBlockAttention,
     "ge": ge.GatherExcite,
+    "srm": srm.StyleRecalibration,
 }
 """Registry name -> attention class."""
 
