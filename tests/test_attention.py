@@ -20,10 +20,11 @@ from se_jax import attention
 from se_jax import primitives
 from se_jax.attention import cbam
 from se_jax.attention import ese
+from se_jax.attention import gct
 from se_jax.attention import ge
 from se_jax.attention import srm
 
-NEW_KINDS = ["ese", "cbam", "ge", "srm"]
+NEW_KINDS = ["ese", "cbam", "ge", "srm", "gct"]
 
 
 # ------------------------------------------------------------------ helpers
@@ -831,4 +832,68 @@ def test_srm_bad_input():
   _raises(TypeError, "x must be a floating-point", srm.style_pool,
           x.astype(np.int32))
   _raises(ValueError, "gate must be one of", srm.SRMOptions, gate="x")
+
+
+# --------------------------------------------------------------------- GCT
+
+
+def _ref_gct(alpha, gamma, beta, x, mode="l2", eps=1e-5):
+  x = _f64(x)
+  alpha, gamma, beta = _f64(alpha), _f64(gamma), _f64(beta)
+  if mode == "l2":
+    s = np.sqrt((x ** 2).sum(axis=(1, 2)) + eps) * alpha
+    norm = gamma / np.sqrt((s ** 2).mean(axis=1, keepdims=True) + eps)
+  else:
+    s = np.abs(x).sum(axis=(1, 2)) * alpha
+    norm = gamma / (np.abs(s).mean(axis=1, keepdims=True) + eps)
+  g = 1.0 + np.tanh(s * norm + beta)
+  return x * g[:, None, None, :], g
+
+
+@pytest.mark.parametrize("mode", gct.MODES)
+def test_gct_matches_reference(mode):
+  p = gct.GCTParams(1.0 + _normal((16,), 1), _normal((16,), 2, 2.0),
+                    _normal((16,), 3))
+  x = _x((2, 6, 5, 16))
+  f = jax.jit(functools.partial(gct.gated_channel_transformation,
+                                mode=mode, return_gates=True))
+  y, g = f(p, x)
+  want_y, want_g = _ref_gct(*p, x, mode)
+  _close(g, want_g)
+  _close(y, want_y)
+  xb, x64 = _bf16(x)
+  yb, gb = f(p, xb)
+  assert yb.dtype == jnp.bfloat16 and gb.dtype == jnp.float32
+  _close(gb, _ref_gct(*p, x64, mode)[1])
+  _close(yb, _ref_gct(*p, x64, mode)[0], rtol=1e-2, atol=1e-2)
+
+
+def test_gct_module_starts_as_identity_and_records():
+  m = attention.create("gct", 16, tag="GCT_2_2", rngs=nnx.Rngs(0))
+  x = _x((2, 4, 4, 16))
+  np.testing.assert_array_equal(m(x), x)
+  m.gamma[...] = jnp.asarray(_normal((16,), 5, 2.0))
+  m.beta[...] = jnp.asarray(_normal((16,), 6))
+  y, rec = _capture(m, x)
+  want_y, want_g = _ref_gct(m.alpha[...], m.gamma[...], m.beta[...], x)
+  assert set(rec) == {"GCT_2_2"}
+  _close(rec["GCT_2_2"], want_g)
+  _close(y, want_y)
+
+
+def test_gct_bad_input():
+  p, x = gct.GCTParams(np.ones(16, np.float32), np.zeros(16, np.float32),
+                       np.zeros(16, np.float32)), _x((2, 4, 4, 16))
+  _raises(ValueError, r"alpha must have shape \(C,\) = \(16,\)",
+          gct.gated_channel_transformation, p._replace(alpha=p.alpha[:3]), x)
+  _raises(ValueError, r"gamma must have shape", gct.gct_gate, p.gamma[:3],
+          p.beta, np.ones((2, 16), np.float32))
+  _raises(ValueError, r"s must be \(N, C\)", gct.gct_gate, p.gamma, p.beta,
+          x)
+  _raises(ValueError, "mode must be one of", gct.gct_embedding, p.alpha, x,
+          mode="l3")
+  _raises(TypeError, "params must be a GCTParams",
+          gct.gated_channel_transformation, tuple(p), x)
+  _raises(ValueError, "gct_mode", gct.GCTOptions, gct_mode="l3")
+  _raises(ValueError, "gct_epsilon", gct.GCTOptions, gct_epsilon=0.0)
 

@@ -21,6 +21,7 @@ from flax import nnx
 from se_jax.attention import cbam
 from se_jax.attention import eca
 from se_jax.attention import ese
+from se_jax.attention import gct
 from se_jax.attention import ge
 from se_jax.attention import se
 from se_jax.attention import srm
@@ -36,6 +37,7 @@ KINDS: dict[str, type[Attention]] = {
     "cbam": cbam.ConvolutionalBlockAttention,
     "ge": ge.GatherExcite,
     "srm": srm.StyleRecalibration,
+    "gct": gct.GatedChannelTransformation,
 }
 """Registry name -> attention class."""
 
