@@ -22,9 +22,10 @@ from se_jax.attention import cbam
 from se_jax.attention import ese
 from se_jax.attention import gct
 from se_jax.attention import ge
+from se_jax.attention import simam
 from se_jax.attention import srm
 
-NEW_KINDS = ["ese", "cbam", "ge", "srm", "gct"]
+NEW_KINDS = ["ese", "cbam", "ge", "srm", "gct", "simam"]
 
 
 # ------------------------------------------------------------------ helpers
@@ -897,3 +898,52 @@ def test_gct_bad_input():
   _raises(ValueError, "gct_mode", gct.GCTOptions, gct_mode="l3")
   _raises(ValueError, "gct_epsilon", gct.GCTOptions, gct_epsilon=0.0)
 
+
+# ------------------------------------------------------------------- SimAM
+
+
+def _ref_simam(x, lam=1e-4):
+  x = _f64(x)
+  d = (x - x.mean(axis=(1, 2), keepdims=True)) ** 2
+  v = d.sum(axis=(1, 2), keepdims=True) / (x.shape[1] * x.shape[2] - 1)
+  w = _sigmoid(d / (4 * (v + lam)) + 0.5)
+  return x * w, w
+
+
+def test_simam_matches_reference():
+  x = _x((2, 5, 6, 16))
+  f = jax.jit(functools.partial(simam.simam, e_lambda=0.1,
+                                return_weights=True))
+  y, w = f(x)
+  want_y, want_w = _ref_simam(x, 0.1)
+  _close(w, want_w)
+  _close(y, want_y)
+  xb, x64 = _bf16(x)
+  yb, wb = f(xb)
+  assert yb.dtype == jnp.bfloat16 and wb.dtype == jnp.float32
+  _close(wb, _ref_simam(x64, 0.1)[1])
+  _close(yb, _ref_simam(x64, 0.1)[0], rtol=1e-2, atol=1e-2)
+  y_first = simam.simam(np.moveaxis(x, -1, 1), data_format="NCHW")
+  _close(np.moveaxis(np.asarray(y_first), 1, -1), _ref_simam(x)[0])
+
+
+def test_simam_module_records_spatial_weights_only():
+  m = attention.create("simam", 16, tag="SIMAM_3_1", rngs=nnx.Rngs(0))
+  assert not nnx.to_flat_state(nnx.state(m, nnx.Param))
+  x = _x((2, 5, 6, 16))
+  y, rec = _capture(m, x)
+  want_y, want_w = _ref_simam(x)
+  assert set(rec) == {"SIMAM_3_1:spatial"}
+  _close(rec["SIMAM_3_1:spatial"], want_w.mean(axis=-1))
+  _close(y, want_y)
+
+
+def test_simam_bad_input():
+  x = _x((2, 4, 4, 16))
+  _raises(ValueError, "at least 2 positions", simam.simam, x[:, :1, :1])
+  _raises(ValueError, "e_lambda must be a positive number", simam.simam, x,
+          e_lambda=0.0)
+  _raises(ValueError, "expects x of rank 4", simam.simam, x[0])
+  _raises(TypeError, "x must be a floating-point", simam.simam,
+          x.astype(np.int32))
+  _raises(ValueError, "simam_lambda", simam.SimAMOptions, simam_lambda=-1.0)

@@ -24,6 +24,7 @@ from se_jax.attention import ese
 from se_jax.attention import gct
 from se_jax.attention import ge
 from se_jax.attention import se
+from se_jax.attention import simam
 from se_jax.attention import srm
 from se_jax.attention.base import Attention, option_types
 
@@ -38,6 +39,7 @@ KINDS: dict[str, type[Attention]] = {
     "ge": ge.GatherExcite,
     "srm": srm.StyleRecalibration,
     "gct": gct.GatedChannelTransformation,
+    "simam": simam.SimAM,
 }
 """Registry name -> attention class."""
 
