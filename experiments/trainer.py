@@ -12,6 +12,14 @@ A run's workdir holds everything it produces: ``config.json``,
 ``checkpoints/``. Running the same command again resumes from the last
 checkpoint (parameters, optimizer, step, RNG; the data position is the step)
 and ends with the same parameters as an uninterrupted run.
+
+A run of several processes is one run: each process runs this same code
+(`initialize_distributed` says how it joins), the workdir lock is taken
+once, only process 0 writes metrics and reports, and every process takes
+part in saving and restoring the checkpoints, which must be on a file system
+they all see. A checkpoint that cannot be restored (damaged files, or a
+digest that does not match) is moved to ``corrupt_checkpoints/`` with a
+warning and the run resumes from the newest one that restores.
 """
 
 from __future__ import annotations
@@ -19,11 +27,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import math
 import os
+import shutil
+import socket
 import sys
+import tempfile
 import time
+import uuid
 from typing import Any
 
 import jax
@@ -35,12 +48,14 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from experiments import data, files
+from experiments import cli, data, files
 from experiments.provenance import provenance
 from se_jax.models import create
 
-__all__ = ["EXECUTION_KEYS", "NonFiniteLossError", "WorkdirLockedError",
-           "build_model", "finished_result", "init_state", "make_optimizer",
+__all__ = ["CheckpointError", "DISTRIBUTED_ENV", "EXECUTION_KEYS",
+           "NonFiniteLossError", "WorkdirError", "WorkdirLockedError",
+           "build_model", "distributed_settings", "finished_result",
+           "init_state", "initialize_distributed", "make_optimizer",
            "make_schedule", "make_train_step", "recipe", "restore_model",
            "train_and_evaluate"]
 
@@ -51,6 +66,14 @@ class NonFiniteLossError(FloatingPointError):
 
 class WorkdirLockedError(RuntimeError):
   """Another run holds the workdir."""
+
+
+class WorkdirError(RuntimeError):
+  """The workdir cannot take the run: read-only, or too little free space."""
+
+
+class CheckpointError(RuntimeError):
+  """Checkpoints exist but none of them can be restored."""
 
 
 # ------------------------------------------------------------ pieces
@@ -191,8 +214,47 @@ def init_state(params, batch_stats, tx: optax.GradientTransformation,
 # ------------------------------------------------------------ workdir
 
 
+def _check_workdir(workdir: str) -> None:
+  """Fails now, not at the first checkpoint, if `workdir` cannot be written."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=workdir, prefix=".write-test-")
+    try:
+      os.write(fd, b"se_jax")
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+      os.remove(probe)
+  except OSError as e:
+    raise WorkdirError(
+        f"workdir {workdir} is not writable ({e.strerror or e}); give a"
+        " --workdir on a writable file system."
+    ) from e
+
+
+def _check_free_space(workdir: str, checkpoint_bytes: int, keep: int,
+                      existing: int) -> None:
+  """Fails if the checkpoints to come cannot fit in `workdir`."""
+  # Orbax writes a new checkpoint before it deletes the oldest one.
+  count = max(1, keep + 1 - existing)
+  need = count * checkpoint_bytes + _LOG_RESERVE_BYTES
+  free = shutil.disk_usage(workdir).free
+  if free < need:
+    mib = 2.0 ** 20
+    raise WorkdirError(
+        f"workdir {workdir} has {free / mib:.1f} MiB free, and the run needs"
+        f" about {need / mib:.1f} MiB ({count} more checkpoint(s) of"
+        f" {checkpoint_bytes / mib:.1f} MiB, keep_checkpoints={keep}); free"
+        " some space or give another --workdir."
+    )
+
+
+# Metrics, TensorBoard events and the small files of a run.
+_LOG_RESERVE_BYTES = 4 * 2 ** 20
+
+
 @contextlib.contextmanager
-def _workdir_lock(workdir: str):
+def _workdir_lock(workdir: str, run: str = ""):
   path = os.path.join(workdir, ".lock")
   f = open(path, "a+")
   try:
@@ -207,13 +269,80 @@ def _workdir_lock(workdir: str):
     ) from None
   f.seek(0)
   f.truncate()
-  f.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+  f.write(f"pid {os.getpid()} on {socket.gethostname()}{run}\n")
   f.flush()
   try:
     yield
   finally:
     fcntl.flock(f, fcntl.LOCK_UN)
     f.close()
+
+
+def _lock_holders(sees_lead: list[bool], hosts: list[str]) -> list[bool]:
+  """Which processes lock the workdir, given what they see.
+
+  Process 0 always does. A process that does not see process 0's lock file
+  has a file system of its own (a host's local disk), and the first such
+  process of each host locks that host's copy, so that a second run is
+  refused on every file system the run writes.
+  """
+  holders = [False] * len(hosts)
+  holders[0] = True
+  taken = set()
+  for p in range(1, len(hosts)):
+    if not sees_lead[p] and hosts[p] not in taken:
+      holders[p] = True
+      taken.add(hosts[p])
+  return holders
+
+
+@contextlib.contextmanager
+def _run_lock(workdir: str):
+  """The workdir lock of a run of one or several processes."""
+  n = jax.process_count()
+  if n == 1:
+    with _workdir_lock(workdir):
+      yield
+    return
+  from jax.experimental import multihost_utils as mh
+
+  me = jax.process_index()
+  run = uuid.UUID(bytes=np.asarray(mh.broadcast_one_to_all(
+      np.frombuffer(uuid.uuid4().bytes, np.uint8))).tobytes()).hex
+  tag = f", process {me} of run {run}"
+  with contextlib.ExitStack() as stack:
+    error = None
+    if me == 0:
+      try:
+        stack.enter_context(_workdir_lock(workdir, tag))
+      except WorkdirLockedError as e:
+        error = e
+    if not bool(mh.broadcast_one_to_all(np.int32(error is None))):
+      raise error or WorkdirLockedError(
+          f"workdir {workdir} is in use by another run (process 0 could not"
+          " lock it); wait for it to finish or use another --workdir.")
+    try:
+      with open(os.path.join(workdir, ".lock")) as f:
+        sees_lead = f"process 0 of run {run}" in f.read()
+    except OSError:
+      sees_lead = False
+    host = socket.gethostname()
+    seen = np.asarray(mh.process_allgather(np.int32(sees_lead)))
+    host_ids = np.asarray(mh.process_allgather(np.frombuffer(
+        hashlib.sha256(host.encode()).digest()[:8], np.uint8)))
+    hosts = [bytes(h).hex() for h in host_ids.reshape(n, -1)]
+    if _lock_holders([bool(x) for x in seen.reshape(n)], hosts)[me] and me:
+      try:
+        stack.enter_context(_workdir_lock(workdir, tag))
+      except WorkdirLockedError as e:
+        error = e
+    failed = np.asarray(mh.process_allgather(np.int32(error is not None)))
+    if failed.any():
+      raise error or WorkdirLockedError(
+          f"workdir {workdir} is in use by another run on the host of"
+          f" process {int(np.argmax(failed.reshape(n)))}; wait for it to"
+          " finish or use another --workdir.")
+    yield
 
 
 class _MetricWriter:
@@ -250,16 +379,138 @@ class _MetricWriter:
       self.tb.close()
 
 
-def _maybe_initialize_distributed(mode: str) -> None:
-  """Joins a multi-host run: "on", or "auto" when a coordinator is named."""
-  if mode not in ("auto", "on", "off"):
-    raise ValueError(f"distributed must be 'auto', 'on' or 'off', got {mode!r}.")
+# The settings of jax.distributed.initialize, and the environment variables
+# that give them when the config leaves them at None.
+DISTRIBUTED_ENV = {
+    "coordinator_address": "JAX_COORDINATOR_ADDRESS",
+    "num_processes": "JAX_NUM_PROCESSES",
+    "process_id": "JAX_PROCESS_ID",
+    "local_device_ids": "JAX_LOCAL_DEVICE_IDS",
+}
+
+
+def _from_environment(key: str, environ) -> Any:
+  var = DISTRIBUTED_ENV[key]
+  text = environ.get(var, "").strip()
+  if not text:
+    return None
+  try:
+    if key == "coordinator_address":
+      cli.check_address("$" + var, text)
+      return text
+    if key == "local_device_ids":
+      ids = tuple(int(i) for i in text.split(","))
+      if any(i < 0 for i in ids):
+        raise ValueError
+      return ids
+    value = int(text)
+    if value < (1 if key == "num_processes" else 0):
+      raise ValueError
+    return value
+  except ValueError:
+    rule = {"num_processes": "an integer >= 1",
+            "process_id": "an integer >= 0",
+            "local_device_ids": "comma-separated device indices, e.g. 0,1",
+            }.get(key, "HOST:PORT, e.g. 10.0.0.1:1234")
+    raise cli.ConfigError("$" + var, text, rule) from None
+
+
+def _detect_cluster() -> tuple[str, int | None] | None:
+  """The cluster JAX would read its settings from, and its process count.
+
+  JAX's own detectors (Cloud TPU, Slurm, Open MPI, Kubernetes...), so that
+  the run joins exactly when ``jax.distributed.initialize()`` would find
+  its settings. Only the detectors that run by default are asked.
+  """
+  try:
+    from jax._src import clusters  # JAX's list of cluster environments.
+    kinds = list(clusters.ClusterEnv._cluster_types)
+  except (ImportError, AttributeError):
+    return None
+  for kind in kinds:
+    try:
+      if kind.opt_in_only_method or not kind.is_env_present():
+        continue
+    except Exception:  # noqa: BLE001 - a detector that fails did not detect.
+      continue
+    try:
+      count = int(kind.get_process_count())
+    except Exception:  # noqa: BLE001
+      count = None
+    return kind.__name__, count
+  return None
+
+
+def distributed_settings(config: ml_collections.ConfigDict,
+                         environ=None) -> dict[str, Any] | None:
+  """How this process joins a run of several processes, if it does.
+
+  Each of `DISTRIBUTED_ENV`'s settings comes from the config, else from its
+  environment variable, else from the cluster (JAX reads Slurm's, Open
+  MPI's and Cloud TPU's). With ``distributed="auto"`` a process joins when a
+  setting is given or a cluster of several processes is detected; ``"on"``
+  always joins and ``"off"`` never does.
+
+  Args:
+    config: the run's config.
+    environ: the environment (default ``os.environ``).
+
+  Returns:
+    The keyword arguments of ``jax.distributed.initialize`` (settings left to
+    the cluster are None), or None for a run of one process.
+
+  Raises:
+    cli.ConfigError: for a setting out of range, or settings that are
+      incomplete with no cluster to complete them.
+  """
+  environ = os.environ if environ is None else environ
+  cli.validate_distributed(config)
+  mode = config.distributed
+  if mode == "off":
+    return None
+  settings = {}
+  for key in DISTRIBUTED_ENV:
+    value = config.get(key)
+    settings[key] = (_from_environment(key, environ) if value is None
+                     else value)
+  n, p = settings["num_processes"], settings["process_id"]
+  if n is not None and p is not None and p >= n:
+    raise cli.ConfigError("process_id", p,
+                          f"an integer from 0 to num_processes - 1 = {n - 1}")
+  named = [k for k in ("coordinator_address", "num_processes", "process_id")
+           if settings[k] is not None]
+  cluster = None if len(named) == 3 else _detect_cluster()
+  if mode == "auto" and not named and (cluster is None
+                                       or (cluster[1] or 1) < 2):
+    return None
+  if len(named) < 3 and cluster is None:
+    missing = [k for k in ("coordinator_address", "num_processes",
+                           "process_id") if settings[k] is None]
+    raise cli.ConfigError(
+        missing[0], None,
+        "a run of several processes needs coordinator_address, num_processes"
+        " and process_id (--config.KEY or " + ", ".join(
+            DISTRIBUTED_ENV[k] for k in missing) + "), unless it runs under a"
+        " cluster that JAX detects (Slurm, Open MPI, Cloud TPU); or set"
+        " distributed='off'")
+  if settings["local_device_ids"] is not None:
+    settings["local_device_ids"] = list(settings["local_device_ids"])
+  return settings
+
+
+def initialize_distributed(config: ml_collections.ConfigDict) -> None:
+  """Joins the run's other processes, if `distributed_settings` says so.
+
+  Must run before anything uses JAX's devices. On CPUs the processes'
+  collectives go through gloo over TCP, so a run of several processes works
+  on one machine (tests/test_multiprocess.py, experiments/launch.py).
+  """
   if jax.distributed.is_initialized():
     return
-  if mode == "on" or (mode == "auto" and "JAX_COORDINATOR_ADDRESS" in
-                      os.environ):
-    # Cluster environments (Cloud TPU, SLURM, ...) are detected by JAX.
-    jax.distributed.initialize()
+  settings = distributed_settings(config)
+  if settings is None:
+    return
+  jax.distributed.initialize(**settings)
 
 
 # ------------------------------------------------------------ checkpoints
@@ -287,6 +538,118 @@ def _from_checkpoint(template: dict, restored: dict) -> dict:
           "opt_state": jax.tree.unflatten(treedef, leaves)}
 
 
+def _digest(tree: dict) -> str:
+  """sha256 of a checkpoint's arrays: what was saved is what is restored."""
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if isinstance(leaf, jax.Array):
+      # Replicated: every process holds the whole value.
+      leaf = leaf.addressable_data(0)
+    a = np.ascontiguousarray(np.asarray(leaf))
+    h.update(f"{jax.tree_util.keystr(path)}:{a.dtype.str}:{a.shape};".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+_DIGEST_KEY = "se_jax_sha256"
+
+
+def _save(manager: ocp.CheckpointManager, step: int, state: dict) -> None:
+  tree = _to_checkpoint(state)
+  manager.save(step, args=ocp.args.StandardSave(tree),
+               custom_metadata={_DIGEST_KEY: _digest(tree)})
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, abstract: dict):
+  """The checkpoint of `step`, checked; raises if it is damaged."""
+  restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  # Checkpoints from before digests were written have none to compare.
+  want = (manager.metadata(step).custom_metadata or {}).get(_DIGEST_KEY)
+  if want is not None and _digest(restored) != want:
+    raise ValueError("its arrays do not match the digest written with them")
+  if int(restored["step"]) != step:
+    raise ValueError(f"it holds step {int(restored['step'])}")
+  return restored
+
+
+def _agree(ok: bool) -> np.ndarray:
+  """`ok` of every process."""
+  if jax.process_count() == 1:
+    return np.array([ok])
+  from jax.experimental import multihost_utils as mh
+  return np.asarray(mh.process_allgather(np.int32(ok))).reshape(-1) > 0
+
+
+def _restore_newest(manager: ocp.CheckpointManager, abstract: dict,
+                    workdir: str, lead: bool):
+  """The newest checkpoint that restores, or None if there is none.
+
+  A checkpoint that does not restore is moved out of the way, to
+  ``corrupt_checkpoints/``, with a warning, once an older one restores:
+  Orbax would not save a step below it, and its files may tell what
+  happened.
+
+  Raises:
+    CheckpointError: if checkpoints exist and none of them restores.
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  ckpt_dir = str(manager.directory)
+  dest = os.path.join(workdir, "corrupt_checkpoints")
+  errors = {}
+  restored = None
+  for i, step in enumerate(steps):
+    try:
+      restored, error = _restore(manager, step, abstract), None
+    except Exception as e:  # noqa: BLE001 - Orbax and TensorStore raise many.
+      restored, error = None, e
+    oks = _agree(error is None)
+    if oks.all():
+      break
+    if oks.any():
+      raise CheckpointError(
+          f"the checkpoint of step {step} in {ckpt_dir} restores on some"
+          f" processes but not on others ({list(map(bool, oks))}); do they"
+          " all see the same file system?")
+    restored = None
+    errors[step] = f"{type(error).__name__}: {cli.one_line(error)[:300]}"
+    if lead:
+      following = (f"trying step {steps[i + 1]}" if i + 1 < len(steps)
+                   else "no older checkpoint is left")
+      print(f"warning: the checkpoint of step {step} in {ckpt_dir} cannot be"
+            f" restored ({errors[step]}); {following}.", file=sys.stderr,
+            flush=True)
+  if restored is None and steps:
+    # All of them failing is more likely a config that does not match than
+    # damage: they stay where they are, and the user decides.
+    raise CheckpointError(
+        f"none of the checkpoints in {ckpt_dir} (steps"
+        f" {', '.join(map(str, steps))}) can be restored; step {steps[0]}:"
+        f" {errors[steps[0]]}. If they belong to a run with another config,"
+        " give another --workdir; to start over, delete them.")
+  if errors:
+    _set_aside(ckpt_dir, sorted(errors), dest, lead)
+    manager.reload()
+    if lead:
+      print(f"warning: moved the checkpoints of step(s)"
+            f" {', '.join(map(str, sorted(errors)))} to {dest}; resuming from"
+            f" step {int(restored['step'])}.", file=sys.stderr, flush=True)
+  return restored
+
+
+def _set_aside(ckpt_dir: str, steps: list[int], dest: str,
+               lead: bool) -> None:
+  if lead:
+    os.makedirs(dest, exist_ok=True)
+    for step in steps:
+      target = os.path.join(dest, str(step))
+      if os.path.exists(target):
+        target += time.strftime("-%Y%m%d-%H%M%S")
+      os.replace(os.path.join(ckpt_dir, str(step)), target)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils as mh
+    mh.sync_global_devices("se_jax: corrupt checkpoints set aside")
+
+
 # ------------------------------------------------------------ the loop
 
 
@@ -303,33 +666,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     and the run's ``train_seconds`` (this invocation's time in the loop).
 
   Raises:
+    cli.ConfigError: for a setting that is not allowed, before anything is
+      written.
+    ValueError: for a batch size that does not fit the data or devices,
+      before anything is written.
+    WorkdirError: if `workdir` is read-only or too full for the checkpoints.
     WorkdirLockedError: if another run holds `workdir`.
+    CheckpointError: if checkpoints exist and none of them restores (a
+      damaged newest one is set aside and an older one used).
     NonFiniteLossError: if the loss becomes NaN or infinite; the last good
       checkpoint is kept.
     data.DataUnavailableError: if the dataset cannot be found.
   """
-  _maybe_initialize_distributed(config.distributed)
-  os.makedirs(workdir, exist_ok=True)
-  with _workdir_lock(workdir):
+  cli.validate_config(config)
+  initialize_distributed(config)
+  _check_workdir(workdir)
+  with _run_lock(workdir):
     return _run(config, workdir)
 
 
 def _run(config, workdir):
   lead = jax.process_index() == 0
-  info = data.DATASETS.get(config.dataset)
-  if info is None:
-    raise ValueError(
-        f"unknown dataset {config.dataset!r}; supported:"
-        f" {sorted(data.DATASETS)}."
-    )
+  info = data.DATASETS[config.dataset]
   if config.image_size is not None:
     info = dataclasses.replace(info, image_size=config.image_size)
-  if lead:
-    files.write_atomic(os.path.join(workdir, "config.json"),
-                       config.to_json_best_effort(indent=2) + "\n")
-    # Each invocation (a resume too) records where it ran.
-    with open(os.path.join(workdir, "provenance.jsonl"), "a") as f:
-      f.write(json.dumps(provenance()) + "\n")
 
   train_src = data.get_source(config.dataset, info.train_split,
                               data_dir=config.data_dir)
@@ -349,11 +709,14 @@ def _run(config, workdir):
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
-  if config.batch_size % jax.device_count():
-    raise ValueError(
-        f"batch_size {config.batch_size} must be divisible by the"
-        f" {jax.device_count()} devices."
-    )
+  for key in ("batch_size", "eval_batch_size"):
+    if config[key] % jax.device_count():
+      raise ValueError(
+          f"{key} {config[key]} must be divisible by the"
+          f" {jax.device_count()} devices"
+          + (f" of the {jax.process_count()} processes."
+             if jax.process_count() > 1 else ".")
+      )
 
   model = build_model(config, rngs=nnx.Rngs(config.seed))
   graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
@@ -363,18 +726,30 @@ def _run(config, workdir):
   tx = make_optimizer(config, schedule)
   state = jax.device_put(init_state(params, batch_stats, tx, config.seed),
                          replicated)
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      _to_checkpoint(state))
 
   ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  # Saves go through a temporary directory renamed when complete; one left
+  # by a process killed while saving is removed, never restored.
   manager = ocp.CheckpointManager(
       ckpt_dir, options=ocp.CheckpointManagerOptions(
-          max_to_keep=config.keep_checkpoints, create=True))
-  latest = manager.latest_step()
-  if latest is not None:
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
-        _to_checkpoint(state))
-    restored = manager.restore(latest, args=ocp.args.StandardRestore(abstract))
+          max_to_keep=config.keep_checkpoints, create=True,
+          cleanup_tmp_directories=True))
+  _check_free_space(
+      workdir, sum(x.size * x.dtype.itemsize
+                   for x in jax.tree.leaves(abstract)),
+      config.keep_checkpoints, len(manager.all_steps()))
+  restored = _restore_newest(manager, abstract, workdir, lead)
+  if restored is not None:
     state = _from_checkpoint(state, restored)
+  if lead:
+    files.write_atomic(os.path.join(workdir, "config.json"),
+                       config.to_json_best_effort(indent=2) + "\n")
+    # Each invocation (a resume too) records where it ran.
+    with open(os.path.join(workdir, "provenance.jsonl"), "a") as f:
+      f.write(json.dumps(provenance()) + "\n")
   start = int(state["step"])
   num_classes = info.num_classes
   smoothing = config.label_smoothing
@@ -488,7 +863,7 @@ def _run(config, workdir):
           (bar.write if bar is not None else print)(msg)
       if done % config.checkpoint_every_steps == 0 or done == total_steps:
         flush()
-        manager.save(done, args=ocp.args.StandardSave(_to_checkpoint(state)))
+        _save(manager, done, state)
       if bar is not None:
         bar.update(1)
     flush()
@@ -508,9 +883,11 @@ def _run(config, workdir):
 
 
 # Settings that change how a run executes, not what it computes: the batches
-# are a function of (seed, step) whatever the input threads, and where the
-# data lives or whether a progress bar shows changes no number.
-EXECUTION_KEYS = ("num_threads", "progress", "distributed", "data_dir")
+# are a function of (seed, step) whatever the input threads and processes,
+# and where the data lives or whether a progress bar shows changes no number.
+EXECUTION_KEYS = ("num_threads", "progress", "distributed", "data_dir",
+                  "coordinator_address", "num_processes", "process_id",
+                  "local_device_ids")
 
 
 def recipe(config: ml_collections.ConfigDict | dict) -> dict:
