@@ -19,13 +19,14 @@ from flax import nnx
 from se_jax import attention
 from se_jax import primitives
 from se_jax.attention import cbam
+from se_jax.attention import coord
 from se_jax.attention import ese
 from se_jax.attention import gct
 from se_jax.attention import ge
 from se_jax.attention import simam
 from se_jax.attention import srm
 
-NEW_KINDS = ["ese", "cbam", "ge", "srm", "gct", "simam"]
+NEW_KINDS = ["ese", "cbam", "ge", "srm", "gct", "coord", "simam"]
 
 
 # ------------------------------------------------------------------ helpers
@@ -947,3 +948,129 @@ def test_simam_bad_input():
   _raises(TypeError, "x must be a floating-point", simam.simam,
           x.astype(np.int32))
   _raises(ValueError, "simam_lambda", simam.SimAMOptions, simam_lambda=-1.0)
+
+
+# ----------------------------------------------------- Coordinate attention
+
+
+def _ref_coord(params, x, norm=None, activation="hard_swish",
+               gate="sigmoid"):
+  x = _f64(x)
+  h = x.shape[1]
+  w1, b1, w_h, b_h, w_w, b_w = (None if p is None else _f64(p)
+                                for p in params)
+  pooled = np.concatenate([x.mean(axis=2), x.mean(axis=1)], axis=1)
+  y = pooled @ w1 + (0 if b1 is None else b1)
+  if norm is not None:
+    y = norm(y)
+  y = NP_ACTIVATIONS[activation](y)
+  a_h = NP_GATES[gate](y[:, :h] @ w_h + (0 if b_h is None else b_h))
+  a_w = NP_GATES[gate](y[:, h:] @ w_w + (0 if b_w is None else b_w))
+  return x * a_h[:, :, None, :] * a_w[:, None, :, :], a_h, a_w
+
+
+def _coord_params(c=16, m=8, bias=True, seed=1):
+  b = lambda shape, i: _normal(shape, seed + i) if bias else None
+  return coord.CoordParams(_normal((c, m), seed), b((m,), 1),
+                           _normal((m, c), seed + 2), b((c,), 3),
+                           _normal((m, c), seed + 4), b((c,), 5))
+
+
+@pytest.mark.parametrize("bias,activation", [(True, "hard_swish"),
+                                             (False, "relu")])
+def test_coord_matches_reference(bias, activation):
+  p, x = _coord_params(bias=bias), _x((2, 5, 7, 16))
+  norm = lambda v: 0.8 * v + 0.3
+  f = jax.jit(functools.partial(coord.coordinate_attention, norm=norm,
+                                activation=activation, return_gates=True))
+  y, (a_h, a_w) = f(p, x)
+  want_y, want_h, want_w = _ref_coord(p, x, norm, activation)
+  assert a_h.shape == (2, 5, 16) and a_w.shape == (2, 7, 16)
+  _close(a_h, want_h)
+  _close(a_w, want_w)
+  _close(y, want_y)
+  _close(coord.coord_pool(x), np.concatenate(
+      [_f64(x).mean(axis=2), _f64(x).mean(axis=1)], axis=1))
+
+
+def test_coord_bfloat16_and_channels_first():
+  p, x = _coord_params(), _x((2, 6, 4, 16))
+  xb, x64 = _bf16(x)
+  y, (a_h, a_w) = jax.jit(functools.partial(
+      coord.coordinate_attention, return_gates=True))(p, xb)
+  want_y, want_h, want_w = _ref_coord(p, x64)
+  assert y.dtype == jnp.bfloat16 and a_h.dtype == jnp.float32
+  _close(a_h, want_h)
+  _close(a_w, want_w)
+  _close(y, want_y, rtol=1e-2, atol=1e-2)
+  y_first = coord.coordinate_attention(p, np.moveaxis(x, -1, 1),
+                                       data_format="NCHW")
+  _close(np.moveaxis(np.asarray(y_first), 1, -1), _ref_coord(p, x)[0])
+
+
+def test_coord_module_eval_train_and_recording():
+  m = attention.create("coord", 32, tag="COORD_2_3", rngs=nnx.Rngs(0))
+  _random_bn(m.norm, 7)
+  x = _x((2, 5, 6, 32))
+  y, rec = _capture(_eval(m), x)
+  want_y, a_h, a_w = _ref_coord(m.params, x, _np_norm(m.norm))
+  gate = a_h[:, :, None, :] * a_w[:, None, :, :]
+  assert set(rec) == {"COORD_2_3", "COORD_2_3:spatial"}
+  _close(rec["COORD_2_3"], gate.mean(axis=(1, 2)))
+  _close(rec["COORD_2_3:spatial"], gate.mean(axis=-1))
+  _close(y, want_y)
+  # Training: the BatchNorm normalises the H + W descriptors of the batch.
+  scale, bias = _f64(m.norm.scale[...]), _f64(m.norm.bias[...])
+  batch_norm = lambda v: (v - v.mean((0, 1))) / np.sqrt(
+      v.var((0, 1)) + 1e-5) * scale + bias
+  _close(nnx.jit(lambda m, x: m(x))(m, x),
+         _ref_coord(m.params, x, batch_norm)[0], atol=1e-5)
+
+
+def test_coord_widths_and_bad_input():
+  assert [coord.coord_reduced_width(c) for c in (16, 256, 512, 1024)] == [
+      8, 8, 24, 40]
+  assert coord.coord_reduced_width(512, 32, 1.0, "paper") == 16
+  assert coord.coord_reduced_width(96, 32, 1.0, "paper") == 8
+  p, x = _coord_params(), _x((2, 4, 4, 16))
+  _raises(ValueError, r"params.w1 must be \(C, M\) with C = 8",
+          coord.coordinate_attention, p, x[..., :8])
+  _raises(ValueError, r"params.w_w must be \(M, C\)",
+          coord.coordinate_attention, p._replace(w_w=p.w_w[:4]), x)
+  _raises(ValueError, r"params.b_h must be \(16,\)",
+          coord.coordinate_attention, p._replace(b_h=p.b_h[:4]), x)
+  _raises(TypeError, "params must be a CoordParams",
+          coord.coordinate_attention, tuple(p), x)
+  _raises(ValueError, "height must be an int", coord.coord_gates, p,
+          coord.coord_pool(x), 8)
+  _raises(ValueError, "x must be an NHWC map", coord.coord_pool, x[0])
+  _raises(ValueError, "activation must be one of", coord.coord_gates, p,
+          coord.coord_pool(x), 4, activation="elu")
+  for bad in [dict(reduction=0), dict(coord_width_factor=-1.0),
+              dict(rounding="x"), dict(mlp_bias=0), dict(activation="x"),
+              dict(gate="x")]:
+    _raises(ValueError, next(iter(bad)), coord.CoordOptions, **bad)
+
+
+def test_coord_matches_timm():
+  pytest.importorskip("timm")
+  from timm.layers.coord_attn import CoordAttn
+  from timm.layers.helpers import make_divisible
+  m = attention.create("coord", 64, rngs=nnx.Rngs(0))
+  _check_timm(m, CoordAttn(64), _x((2, 7, 5, 64), loc=0.0))
+  # The paper's configuration: r = 32, width max(8, C // 32), biases.
+  m = attention.create("coord", 64, reduction=32, coord_width_factor=1.0,
+                       rounding="paper", mlp_bias=True, rngs=nnx.Rngs(0))
+  _check_timm(m, CoordAttn(64, rd_channels=8, bias=True),
+              _x((2, 4, 6, 64)))
+  # Defaults as timm's.
+  t = CoordAttn(160)
+  o = attention.make_options("coord")
+  assert attention.create("coord", 160, rngs=nnx.Rngs(0)).reduced_channels \
+      == t.conv1.out_channels == 8
+  assert (t.conv1.bias is None) == (not o.mlp_bias)
+  assert type(t.act).__name__ == "Hardswish" and o.activation == "hard_swish"
+  assert type(t.gate).__name__ == "Sigmoid" and o.gate == "sigmoid"
+  assert t.bn1.eps == 1e-5
+  assert all(coord.coord_reduced_width(c) == make_divisible(
+      c * (1 / 16) * (2 / 3), 8, round_limit=0.0) for c in range(1, 2049))

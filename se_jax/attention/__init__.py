@@ -19,6 +19,7 @@ from typing import Any
 from flax import nnx
 
 from se_jax.attention import cbam
+from se_jax.attention import coord
 from se_jax.attention import eca
 from se_jax.attention import ese
 from se_jax.attention import gct
@@ -39,6 +40,7 @@ KINDS: dict[str, type[Attention]] = {
     "ge": ge.GatherExcite,
     "srm": srm.StyleRecalibration,
     "gct": gct.GatedChannelTransformation,
+    "coord": coord.CoordinateAttention,
     "simam": simam.SimAM,
 }
 """Registry name -> attention class."""
