@@ -7,8 +7,12 @@ and its recorded gates; and, where timm has the module, against timm's
 module with random weights and BatchNorm statistics.
 """
 
+import contextlib
 import dataclasses
 import functools
+import io
+import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -74,10 +78,28 @@ def _bf16(x):
   return xb, np.asarray(xb.astype(jnp.float32), np.float64)
 
 
-def _capture(module, x):
+@nnx.jit
+def _run_recording(module, x):
   view = nnx.view(module, record_gates=True, raise_if_not_found=False)
-  y, captured = nnx.capture(view, nnx.Intermediate)(x)
+  return nnx.capture(view, nnx.Intermediate)(x)
+
+
+def _capture(module, x):
+  """The module's output and what it records, under ``nnx.jit``."""
+  y, captured = _run_recording(module, x)
   return y, {path[-1]: var[...] for path, var in nnx.to_flat_state(captured)}
+
+
+_call = nnx.jit(lambda module, x: module(x))
+
+
+def _channels_first(fn, *args):
+  """`fn` on the channels-first twin of the NHWC map, the last argument,
+  back in NHWC."""
+  *args, x = args
+  y = jax.jit(functools.partial(fn, data_format="NCHW"))(
+      *args, np.moveaxis(x, -1, 1))
+  return np.moveaxis(np.asarray(y), 1, -1)
 
 
 def _eval(module):
@@ -207,13 +229,15 @@ def test_option_names_have_one_type_across_kinds_and_models():
   option_types()  # Raises on a name with two types.
 
 
+_run_plain = nnx.jit(lambda m, x: nnx.capture(m, nnx.Intermediate)(x))
+
+
 @pytest.mark.parametrize("kind", NEW_KINDS)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_module_keeps_shape_and_dtype(kind, dtype):
   m = attention.create(kind, 16, rngs=nnx.Rngs(0))
   x = jnp.asarray(_x((2, 8, 8, 16)), dtype)
-  y, captured = nnx.jit(
-      lambda m, x: nnx.capture(m, nnx.Intermediate)(x))(m, x)
+  y, captured = _run_plain(m, x)
   assert y.shape == x.shape and y.dtype == dtype
   assert not nnx.to_flat_state(captured)  # Nothing unless asked.
   assert np.all(np.isfinite(np.asarray(y, np.float32)))
@@ -253,9 +277,8 @@ def _ese_params(c=16, seed=1):
   return _normal((c, c), seed), _normal((c,), seed + 1)
 
 
-@pytest.mark.parametrize("gate", ["hard_sigmoid", "sigmoid"])
-@pytest.mark.parametrize("add_maxpool", [False, True])
-@pytest.mark.parametrize("use_bias", [True, False])
+@pytest.mark.parametrize("gate,add_maxpool,use_bias", [
+    ("hard_sigmoid", False, True), ("sigmoid", True, False)])
 def test_ese_matches_reference(gate, add_maxpool, use_bias):
   (w, b), x = _ese_params(), _x()
   b = b if use_bias else None
@@ -284,9 +307,8 @@ def test_ese_bfloat16():
 
 def test_ese_channels_first():
   (w, b), x = _ese_params(), _x()
-  y = ese.effective_squeeze_excite(w, b, np.moveaxis(x, -1, 1),
-                                   data_format="NCHW")
-  _close(np.moveaxis(np.asarray(y), 1, -1), _ref_ese(w, b, x)[0])
+  _close(_channels_first(ese.effective_squeeze_excite, w, b, x),
+         _ref_ese(w, b, x)[0])
 
 
 def test_ese_affine_is_the_block_on_the_affine_map():
@@ -310,15 +332,33 @@ def test_ese_affine_is_the_block_on_the_affine_map():
     np.testing.assert_allclose(gf, gp, rtol=1e-4, atol=1e-5)
 
 
+def test_ese_affine_keeps_only_the_input_map():
+  # As SE's folded path: the gradient keeps x, not the normalised map.
+  from jax.ad_checkpoint import print_saved_residuals
+  (w, b), x = _ese_params(), jnp.ones((2, 8, 8, 16), jnp.bfloat16)
+  mul, add = np.full(16, 2.0, np.float32), np.zeros(16, np.float32)
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    print_saved_residuals(
+        lambda x, mul, add: ese.effective_squeeze_excite_affine(
+            w, b, x, mul, add).astype(jnp.float32).sum(), x, mul, add)
+  found = [dt for dt, dims in re.findall(r"^(\w+)\[([\d,]*)\]",
+                                         out.getvalue(), re.M)
+           if math.prod(int(d) for d in dims.split(",") if d) == x.size]
+  assert found == ["bf16"]
+
+
 def test_ese_module_folds_the_norm():
   m = attention.create("ese", 16, rngs=nnx.Rngs(0))
   assert m.folds_norm
   assert not attention.create("ese", 16, add_maxpool=True,
                               rngs=nnx.Rngs(0)).folds_norm
   x, mul, add = _x(), np.full(16, 2.0, np.float32), np.zeros(16, np.float32)
-  y = m.affine_call(jnp.asarray(x), mul, add, dtype=jnp.bfloat16)
+  y = nnx.jit(lambda m, x: m.affine_call(x, mul, add, dtype=jnp.bfloat16))(
+      m, x)
   assert y.dtype == jnp.bfloat16
-  _close(y.astype(jnp.float32), np.asarray(m(2 * x)), rtol=1e-2, atol=1e-2)
+  _close(y.astype(jnp.float32), np.asarray(_call(m, 2 * x)), rtol=1e-2,
+         atol=1e-2)
   _raises(ValueError, "add_maxpool=False", attention.create(
       "ese", 16, add_maxpool=True, rngs=nnx.Rngs(0)).affine_call, x, mul,
           add)
@@ -430,9 +470,7 @@ def test_cbam_bfloat16_and_channels_first():
   _close(g, want_g)
   _close(sg, want_s)
   _close(y, want_y, rtol=1e-2, atol=1e-2)
-  y_first = cbam.convolutional_block_attention(
-      p, np.moveaxis(x, -1, 1), data_format="NCHW")
-  _close(np.moveaxis(np.asarray(y_first), 1, -1),
+  _close(_channels_first(cbam.convolutional_block_attention, p, x),
          _ref_cbam(p.mlp, p.spatial_kernel, x)[0])
 
 
@@ -460,7 +498,7 @@ def test_cbam_module_eval_train_and_recording():
             * _f64(m.spatial_norm.scale[...]) + _f64(m.spatial_norm.bias[...]))
 
   want_y = _ref_cbam(mlp, m.spatial_kernel[...], x, norm=batch_norm)[0]
-  _close(m(x), want_y, atol=1e-5)
+  _close(_call(m, x), want_y, atol=1e-5)
   _close(m.spatial_norm.mean[...], 0.9 * before + 0.1 * batch_stats["mean"])
 
 
@@ -643,9 +681,8 @@ def test_ge_pieces_bfloat16_and_channels_first():
   assert y.dtype == jnp.bfloat16 and gates.dtype == jnp.float32
   _close(gates, want_g)
   _close(y, want_y, rtol=1e-2, atol=1e-2)
-  y_first = ge.gather_excite(p, np.moveaxis(x, -1, 1), extent=2,
-                             data_format="NCHW")
-  _close(np.moveaxis(np.asarray(y_first), 1, -1), _ref_ge(p, x, 2)[0])
+  _close(_channels_first(functools.partial(ge.gather_excite, extent=2), p,
+                         x), _ref_ge(p, x, 2)[0])
 
 
 @pytest.mark.parametrize("options", [dict(), dict(extent=4),
@@ -792,7 +829,7 @@ def test_srm_matches_reference():
   _close(yb, _ref_srm(cfc, x64, norm)[0], rtol=1e-2, atol=1e-2)
   # Any layout, e.g. channels-first 1-D maps.
   x3 = _x((2, 16, 9), seed=2)
-  t = srm.style_pool(x3, data_format="NCW")
+  t = jax.jit(functools.partial(srm.style_pool, data_format="NCW"))(x3)
   _close(t, np.stack([_f64(x3).mean(-1), _f64(x3).std(-1, ddof=1)], -1))
 
 
@@ -819,7 +856,7 @@ def test_srm_module_eval_train_and_recording():
   scale, bias = _f64(m.norm.scale[...]), _f64(m.norm.bias[...])
   batch_norm = lambda z: (z - z.mean(0)) / np.sqrt(z.var(0) + 1e-5) \
       * scale + bias
-  _close(nnx.jit(lambda m, x: m(x))(m, x),
+  _close(_call(m, x),
          _ref_srm(m.cfc[...], x, batch_norm)[0], atol=1e-5)
 
 
@@ -873,7 +910,7 @@ def test_gct_matches_reference(mode):
 def test_gct_module_starts_as_identity_and_records():
   m = attention.create("gct", 16, tag="GCT_2_2", rngs=nnx.Rngs(0))
   x = _x((2, 4, 4, 16))
-  np.testing.assert_array_equal(m(x), x)
+  np.testing.assert_array_equal(_call(m, x), x)
   m.gamma[...] = jnp.asarray(_normal((16,), 5, 2.0))
   m.beta[...] = jnp.asarray(_normal((16,), 6))
   y, rec = _capture(m, x)
@@ -924,8 +961,7 @@ def test_simam_matches_reference():
   assert yb.dtype == jnp.bfloat16 and wb.dtype == jnp.float32
   _close(wb, _ref_simam(x64, 0.1)[1])
   _close(yb, _ref_simam(x64, 0.1)[0], rtol=1e-2, atol=1e-2)
-  y_first = simam.simam(np.moveaxis(x, -1, 1), data_format="NCHW")
-  _close(np.moveaxis(np.asarray(y_first), 1, -1), _ref_simam(x)[0])
+  _close(_channels_first(simam.simam, x), _ref_simam(x)[0])
 
 
 def test_simam_module_records_spatial_weights_only():
@@ -1003,9 +1039,8 @@ def test_coord_bfloat16_and_channels_first():
   _close(a_h, want_h)
   _close(a_w, want_w)
   _close(y, want_y, rtol=1e-2, atol=1e-2)
-  y_first = coord.coordinate_attention(p, np.moveaxis(x, -1, 1),
-                                       data_format="NCHW")
-  _close(np.moveaxis(np.asarray(y_first), 1, -1), _ref_coord(p, x)[0])
+  _close(_channels_first(coord.coordinate_attention, p, x),
+         _ref_coord(p, x)[0])
 
 
 def test_coord_module_eval_train_and_recording():
@@ -1023,7 +1058,7 @@ def test_coord_module_eval_train_and_recording():
   scale, bias = _f64(m.norm.scale[...]), _f64(m.norm.bias[...])
   batch_norm = lambda v: (v - v.mean((0, 1))) / np.sqrt(
       v.var((0, 1)) + 1e-5) * scale + bias
-  _close(nnx.jit(lambda m, x: m(x))(m, x),
+  _close(_call(m, x),
          _ref_coord(m.params, x, batch_norm)[0], atol=1e-5)
 
 
