@@ -6,8 +6,9 @@
 One small network (CIFAR-style SE-ResNet-20 by default) on Fashion-MNIST,
 trained once per variant and seed under one recipe: the reduction ratio
 (Table 10), the squeeze operator (11), the gate (12), the stages with SE
-(13), the integration (14), SE_3x3 (15), NoSqueeze (16), and the network
-without SE. The report gives mean +- std over the seeds with params and
+(13), the integration (14), SE_3x3 (15), NoSqueeze (16), the network
+without SE, and (group ``attention``) every attention kind of
+`se_jax.attention` in SE's place. The report gives mean +- std over the seeds with params and
 multiply-adds, beside the paper's ImageNet numbers (experiments/paper.py).
 Runs are resumable and finished ones are reused, so a group can be run,
 interrupted and extended one at a time.
@@ -20,6 +21,7 @@ reduction ratios are 2, 4, 8 and 16.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -33,7 +35,8 @@ import se_jax
 from experiments import data, files, paper, trainer
 from experiments.configs import common
 from experiments.provenance import markdown_header, provenance
-from se_jax.models import SEConfig
+from se_jax.attention.se import SEOptions
+from se_jax.models import Placement, plain_twin
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -55,11 +58,20 @@ GROUPS = {
     "se_3x3": [("SE_3x3", dict(position="3x3"), paper.TABLE15_SE_3X3[:2])],
     "no_squeeze": [("NoSqueeze", dict(no_squeeze=True),
                     paper.TABLE16_NO_SQUEEZE[:2])],
+    # SE and its successors in the same slot, each with its paper's
+    # defaults (SE as in the other groups, so it shares their runs).
+    "attention": [
+        (kind, {} if kind == "se" else dict(attention=kind),
+         (paper.ATTENTION_RESNET50.get(kind, {}).get("attention")
+          or (None, None))[:2])
+        for kind in se_jax.attention.KINDS],
 }
 
 
-# The SE block of the paper's ablations: C // r, no FC biases (Sec. 6).
-ABLATION_SE = SEConfig(rounding="paper", se_bias=False)
+# The SE block of the paper's ablations: C // r, no FC biases (Sec. 6),
+# every option and the placement set explicitly (see `run_key`).
+ABLATION_SE = {**dataclasses.asdict(SEOptions(rounding="paper", se_bias=False)),
+               **dataclasses.asdict(Placement())}
 
 
 def run_key(config) -> str:
@@ -86,7 +98,9 @@ def make_config(args, se_options: dict | None, seed: int):
   c.log_every_steps = 50
   c.progress = not args.no_progress
   if se_options is not None:
-    for k, v in ABLATION_SE._replace(**se_options)._asdict().items():
+    kind = se_options.get("attention", "se")
+    base = ABLATION_SE if kind == "se" else dataclasses.asdict(Placement())
+    for k, v in {**base, **se_options}.items():
       c.model_options[k] = float(v) if k == "reduction" else v
   c.lock()
   return c
@@ -131,7 +145,11 @@ def to_markdown(rows, prov, args) -> str:
       f" {args.batch_size}; FC biases off, C_r = C // r. Test error over"
       f" {args.eval_examples or 'all'} test images, mean +- std over seeds"
       f" {', '.join(map(str, rows[0]['seeds']))}. Paper: SE-ResNet-50 on"
-      " ImageNet, top-1 / top-5 error (Tables 10-16).\n")
+      " ImageNet, top-1 / top-5 error (Tables 10-16); for the attention"
+      " group, ResNet-50 with each kind as its own source reports it"
+      " (experiments/paper.py, ATTENTION_RESNET50), '-' where none does."
+      " The SE options (FC biases off, C // r) apply to SE only; every"
+      " other kind has its paper's defaults.\n")
   out.append("| group | variant | test error (%) | each seed | params |"
              " multiply-adds | paper top-1 / top-5 |\n"
              "|---|---|---|---|---|---|---|")
@@ -139,8 +157,9 @@ def to_markdown(rows, prov, args) -> str:
     each = ", ".join(f"{e:.2f}" for e in r["test_err"])
     out.append(
         f"| {r['group']} | {r['variant']} | {r['mean']:.2f} +- {r['std']:.2f}"
-        f" | {each} | {r['params']:,} | {r['macs']:,} |"
-        f" {r['paper_top1']:.2f} / {r['paper_top5']:.2f} |")
+        f" | {each} | {r['params']:,} | {r['macs']:,} | "
+        + ("-" if r["paper_top1"] is None else
+           f"{r['paper_top1']:.2f} / {r['paper_top5']:.2f}") + " |")
   out.append("\n![Test error of each variant](ablations.png)")
   shared: dict[str, list[str]] = {}
   for r in rows:
@@ -218,7 +237,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--dataset", default="fashion_mnist",
                  choices=sorted(data.DATASETS))
   p.add_argument("--model", default="cifar_se_resnet20")
-  p.add_argument("--baseline", default="cifar_resnet20")
+  p.add_argument("--baseline", default=None,
+                 help="the network without SE; default the model's plain"
+                      " twin in the registry")
   p.add_argument("--epochs", type=float, default=1.0)
   p.add_argument("--train-examples", type=int, default=20000)
   p.add_argument("--eval-examples", type=int, default=None)
@@ -232,6 +253,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  default=os.path.join(_HERE, "results", "ablations"))
   args = p.parse_args(argv)
   args.groups = [g for g in args.groups.split(",") if g]
+  if args.baseline is None:
+    args.baseline = plain_twin(args.model)
   unknown = sorted(set(args.groups) - set(GROUPS))
   if unknown:
     p.error(f"unknown group(s) {unknown}; choose from {list(GROUPS)}")

@@ -139,7 +139,7 @@ _TRAIN_STEPS: dict[tuple, tuple] = {}
 
 
 def jax_train_step(name: str, batch: int, size: int, num_classes: int, dtype,
-                   options=None):
+                   options=None, **model_options):
   """A zero-argument callable running one SGD step of `name` in place.
 
   Each program is compiled once per run of the benchmark, for the timing and
@@ -149,15 +149,16 @@ def jax_train_step(name: str, batch: int, size: int, num_classes: int, dtype,
   # folding of BN into SE swapped out.
   key = (name, batch, size, num_classes, dtype,
          None if options is None else tuple(sorted(options.items())),
-         conv_lib._materialized, resnet.ResidualUnit.fold_norm_into_se)
+         conv_lib._materialized, tuple(sorted(model_options.items())))
   if key not in _TRAIN_STEPS:
     _TRAIN_STEPS[key] = _build_train_step(name, batch, size, num_classes,
-                                          dtype, options)
+                                          dtype, options, model_options)
   return _TRAIN_STEPS[key]
 
 
-def _build_train_step(name, batch, size, num_classes, dtype, options):
-  model = create(name, num_classes=num_classes, dtype=dtype)
+def _build_train_step(name, batch, size, num_classes, dtype, options,
+                      model_options):
+  model = create(name, num_classes=num_classes, dtype=dtype, **model_options)
   graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
   tx = optax.chain(optax.add_decayed_weights(1e-4),
                    optax.sgd(0.1, momentum=0.9))
@@ -528,9 +529,8 @@ def section_tuning(cfg) -> dict:
   with mock.patch.object(conv_lib, "_materialized", lambda x: x):
     fns["without saved conv inputs"], _, _ = jax_train_step(
         name, batch, 32, 10, cfg["dtype"])
-  with _bn_apart_from_se():
-    fns["BN apart from SE"], _, _ = jax_train_step(
-        name, batch, 32, 10, cfg["dtype"])
+  fns["BN apart from SE"], _, _ = jax_train_step(
+      name, batch, 32, 10, cfg["dtype"], fold_norm=False)
   print("[tuning] CIFAR SE-ResNet-20 variants", file=sys.stderr, flush=True)
   times = time_alternating(fns, cfg["repeats"])
   transposes = {k: _profile_transposes(fns[k])
@@ -540,9 +540,8 @@ def section_tuning(cfg) -> dict:
   plain, se = f"cifar_resnet{depth}", f"cifar_se_resnet{depth}"
   steps = {plain: jax_train_step(plain, batch, 32, 10, cfg["dtype"]),
            se: jax_train_step(se, batch, 32, 10, cfg["dtype"])}
-  with _bn_apart_from_se():
-    steps[f"{se}, BN apart from SE"] = jax_train_step(
-        se, batch, 32, 10, cfg["dtype"])
+  steps[f"{se}, BN apart from SE"] = jax_train_step(
+      se, batch, 32, 10, cfg["dtype"], fold_norm=False)
   print(f"[tuning] CIFAR ResNet-{depth}, BN folded into SE or apart",
         file=sys.stderr, flush=True)
   fold_times = time_alternating({k: v[0] for k, v in steps.items()},
@@ -553,13 +552,6 @@ def section_tuning(cfg) -> dict:
           "transpose_s_per_step": transposes,
           "fold": {"depth": depth, "plain": plain, "se": se,
                    "times": fold_times, "peak_bytes": fold_peak}}
-
-
-def _bn_apart_from_se():
-  """Residual units that apply their last BN and then the SE block, as two
-  layers, instead of `SqueezeExcite.affine_call`."""
-  return mock.patch.object(resnet.ResidualUnit, "fold_norm_into_se",
-                           property(lambda self: False))
 
 
 # ------------------------------------------------------------------ report

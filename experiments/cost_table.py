@@ -41,14 +41,13 @@ def _describe(name: str, overrides: dict) -> str:
 
 def compute() -> dict:
   """Every row of the table, as plain data."""
-  rows = {"table2": [], "ablations": [], "timm": []}
+  rows = {"table2": [], "ablations": [], "attention": [], "timm": []}
   for model, spec in paper.TABLE2.items():
-    for kind, name, overrides in zip(("baseline", "se"), spec["names"],
-                                     spec["overrides"]):
-      params, gflops = _cost(name, **overrides)
+    for kind, name in zip(("baseline", "se"), spec["names"]):
+      params, gflops = _cost(name)
       label = model if kind == "baseline" else f"SE-{model}"
       rows["table2"].append(dict(
-          model=label, build=_describe(name, overrides), params_m=params,
+          model=label, build=_describe(name, {}), params_m=params,
           gflops=gflops, paper_gflops=spec[kind][2],
       ))
 
@@ -72,6 +71,22 @@ def compute() -> dict:
   ablation("15", "SE_3x3", p, g, position="3x3")
   _, _, p, g = paper.TABLE16_NO_SQUEEZE
   ablation("16", "NoSqueeze", p, g, no_squeeze=True)
+
+  # Every attention kind on the Caffe-layout ResNet-50 whose 3.86 GFLOPs
+  # the papers report, with its default options.
+  base_params, base_gflops = _cost("legacy_resnet50")
+  for kind in se_jax.attention.KINDS:
+    params, gflops = _cost("legacy_resnet50", attention=kind)
+    spec = paper.ATTENTION_RESNET50.get(kind, {})
+    theirs, base = spec.get("attention"), spec.get("baseline")
+    rows["attention"].append(dict(
+        kind=kind, params_m=params, gflops=gflops,
+        extra_params_m=params - base_params, extra_gflops=gflops - base_gflops,
+        paper_params_m=theirs[2] if theirs else None,
+        paper_gflops=theirs[3] if theirs else None,
+        paper_extra_params_m=(theirs[2] - base[2]) if theirs and base
+        and theirs[2] is not None and base[2] is not None else None,
+        source=spec.get("source", "")))
 
   for ours, theirs in (("resnet50", "resnet50"), ("se_resnet50", "seresnet50")):
     model = nnx.eval_shape(lambda: create(ours))
@@ -120,6 +135,26 @@ def to_markdown(rows: dict, prov: dict) -> str:
         f" {r['params_m'] - r['paper_params_m']:+.3f} | {r['gflops']:.3f} |"
         f" {'' if pg is None else f'{pg:.2f}'} |"
     )
+  out.append(
+      "\n## SE's successors on ResNet-50\n\nEach attention kind of"
+      " `se_jax.attention` in every unit of the Caffe-layout ResNet-50"
+      " (`legacy_resnet50`, 3.858 GFLOPs, the layout of the papers' 3.86),"
+      " with its default options. Multiply-adds count convolutions and"
+      " fully connected layers only, so the elementwise work of a kind"
+      " (pooling, gating; all of SimAM) is not in them. The papers' columns"
+      " are the numbers their sources print; \"extra\" is the kind's row"
+      " minus the same source's ResNet-50 row.\n")
+  out.append("| kind | params (M) | extra params (M) | GFLOPs | extra"
+             " GFLOPs | paper params (M) | paper extra (M) | paper GFLOPs |"
+             " source |\n|---|---|---|---|---|---|---|---|---|")
+  fmt = lambda v, f: "-" if v is None else format(v, f)
+  for r in rows["attention"]:
+    out.append(
+        f"| {r['kind']} | {r['params_m']:.3f} | {r['extra_params_m']:+.3f} |"
+        f" {r['gflops']:.3f} | {r['extra_gflops']:+.4f} |"
+        f" {fmt(r['paper_params_m'], '.2f')} |"
+        f" {fmt(r['paper_extra_params_m'], '+.2f')} |"
+        f" {fmt(r['paper_gflops'], '.2f')} | {r['source']} |")
   out.append("\n## Exact parameter counts against timm\n")
   out.append("| se_jax | timm | params (ours) | params (timm) |\n|---|---|---|---|")
   for r in rows["timm"]:

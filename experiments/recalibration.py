@@ -57,19 +57,6 @@ PAPER_FINDINGS = (
     " (close to identity); SE_5_3 differs between classes mainly by a scale.")
 
 
-def baseline_name(model: str) -> str:
-  """The registry name of `model` without SE blocks."""
-  for se, plain in (("cifar_se_", "cifar_"), ("legacy_se_", ""), ("se_", "")):
-    if model.startswith(se):
-      name = plain + model[len(se):]
-      if name in se_jax.models.names():
-        return name
-  raise ValueError(
-      f"{model!r} has no plain counterpart in the registry; choose a model"
-      " whose name contains se_ (e.g. cifar_se_resnet20)."
-  )
-
-
 def make_config(args, model: str, seed: int):
   """The shared recipe: only the model differs between the two runs."""
   c = common.short_run(
@@ -381,7 +368,7 @@ def _load_weights(weights: str):
 
 def train_and_compare(args, info):
   """Trains the plain and the SE network per seed; the Table 4 analogue."""
-  plain = baseline_name(args.model)
+  plain = se_jax.models.plain_twin(args.model)
   table, runs = [], []
   for seed in args.seeds:
     for kind, model in (("baseline", plain), ("se", args.model)):
@@ -460,11 +447,11 @@ def main(argv=None) -> dict:
   args = p.parse_args(argv)
   if args.epochs <= 0:
     p.error(f"--epochs must be positive, got {args.epochs}")
-  if args.weights is None and args.model not in se_jax.models.names():
-    p.error(f"unknown --model {args.model!r}; SE models: " + ", ".join(
-        n for n in se_jax.models.names() if "se_" in n))
-  if args.weights is None:
-    baseline_name(args.model)
+  with_attention = [n for n in se_jax.models.names()
+                    if se_jax.models.plain_twin(n) != n]
+  if args.weights is None and args.model not in with_attention:
+    p.error(f"--model must be a model with attention, got {args.model!r};"
+            f" one of: {', '.join(with_attention)}")
   classes = _parse_ints(args.classes, "--classes", p)
   fig7 = _parse_ints(args.fig7_classes, "--fig7-classes", p)
   if fig7 is not None and len(fig7) != 2:

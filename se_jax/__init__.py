@@ -4,10 +4,11 @@ Pure squeeze / excite / scale primitives, a Flax NNX SE block and the
 SE-ResNet family of Hu et al., "Squeeze-and-Excitation Networks" (TPAMI 2019).
 """
 
+from se_jax import attention
 from se_jax import models
+from se_jax.attention.se import SqueezeExcite
 from se_jax.costs import count_flops
 from se_jax.costs import count_params
-from se_jax.layers import SqueezeExcite
 from se_jax.primitives import ExciteParams
 from se_jax.primitives import excite
 from se_jax.primitives import init_excite
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ExciteParams",
     "SqueezeExcite",
+    "attention",
     "count_flops",
     "count_params",
     "excite",

@@ -11,7 +11,8 @@ Caffe SE-ResNets that the paper's authors released.
 Layouts: timm's convolution weights are (out, in / groups, kh, kw), se_jax's
 kernels (kh, kw, in / groups, out); timm's SE FCs are 1x1 convolutions
 (``fc1``, ``fc2``), se_jax's `SqueezeExcite` holds them as matrices ``w1``
-(C, C_r) and ``w2`` (C_r, C); the classifier is transposed. The conversion
+(C, C_r) and ``w2`` (C_r, C); the classifier is transposed. Each attention
+kind lists its own parameters' timm names and layouts (``timm_params``). The conversion
 only moves and transposes float32 values, so a round trip is exact.
 
 torch and timm are the ``torch`` extra (``pip install 'se_jax[torch]'``) and
@@ -58,14 +59,27 @@ TIMM_MODELS: dict[str, str] = {
     **{f"legacy_seresnet{d}": f"legacy_se_resnet{d}" for d in _DEPTHS},
     **{f"legacy_seresnext{d}_32x4d": f"legacy_se_resnext{d}_32x4d"
        for d in (50, 101)},
+    # ResNet-D and -T, with SE or ECA (timm/models/resnet.py).
+    **{f"resnet{d}d": f"resnet{d}d" for d in (18, 26, 34, 50, 101, 152,
+                                               200)},
+    "resnet26t": "resnet26t",
+    "resnet50t": "resnet50t",
+    "seresnet152d": "se_resnet152d",
+    "seresnext26d_32x4d": "se_resnext26d_32x4d",
+    "seresnext26t_32x4d": "se_resnext26t_32x4d",
+    "seresnext101_32x8d": "se_resnext101_32x8d",
+    "seresnext101d_32x8d": "se_resnext101d_32x8d",
+    "ecaresnet26t": "eca_resnet26t",
+    "ecaresnet50d": "eca_resnet50d",
+    "ecaresnet50t": "eca_resnet50t",
+    "ecaresnet101d": "eca_resnet101d",
+    "ecaresnetlight": "eca_resnetlight",
 }
 """timm model name -> se_jax registry name, for every supported model."""
 
 # timm's BatchNorm2d entries, in its state_dict order.
 _BN = {"scale": "weight", "bias": "bias", "mean": "running_mean",
        "var": "running_var"}
-_SE = {"w1": ("fc1.weight", "se_fc"), "b1": ("fc1.bias", "vector"),
-       "w2": ("fc2.weight", "se_fc"), "b2": ("fc2.bias", "vector")}
 # Module names that differ between timm/models/resnet.py and the ported
 # Caffe SENets of timm/models/senet.py.
 _NAMES = {
@@ -73,6 +87,10 @@ _NAMES = {
     True: {"stem": "layer0.conv1", "stem_bn": "layer0.bn1",
            "se": "se_module", "fc": "last_linear"},
 }
+# A deep stem's layers in timm's ``conv1`` Sequential.
+_DEEP_STEM = {"stem_conv_a": 0, "stem_norm_a": 1, "stem_conv_b": 3,
+              "stem_norm_b": 4, "stem_conv": 6}
+_UNIT = {"conv1": 0, "bn1": 1, "conv2": 2, "bn2": 3, "conv3": 4, "bn3": 5}
 
 
 class _Entry(NamedTuple):
@@ -84,20 +102,28 @@ class _Entry(NamedTuple):
 def _to_timm_layout(kind: str, a: np.ndarray) -> np.ndarray:
   if kind == "conv":
     return a.transpose(3, 2, 0, 1)
-  if kind == "se_fc":
+  if kind == "fc_conv":
     return a.T[:, :, None, None]
   if kind == "linear":
     return a.T
+  if kind == "conv1d":
+    return a[None, None, :]
+  if kind == "depthwise_conv":
+    return a.transpose(3, 2, 0, 1)
   return a
 
 
 def _from_timm_layout(kind: str, a: np.ndarray) -> np.ndarray:
   if kind == "conv":
     return a.transpose(2, 3, 1, 0)
-  if kind == "se_fc":
+  if kind == "fc_conv":
     return a[:, :, 0, 0].T
   if kind == "linear":
     return a.T
+  if kind == "conv1d":
+    return a[0, 0]
+  if kind == "depthwise_conv":
+    return a.transpose(2, 3, 1, 0)
   return a
 
 
@@ -106,12 +132,20 @@ def _timm_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
   return _to_timm_layout(kind, np.broadcast_to(np.bool_(0), shape)).shape
 
 
-def _entry(path: tuple, names: dict[str, str]) -> tuple[_Entry, tuple]:
+def _entry(path: tuple, names: dict[str, str], model: ResNet
+           ) -> tuple[_Entry, tuple]:
   """timm's key for the se_jax variable at `path`, and a sort key."""
   bn = list(_BN)
+  deep = model.stem_type != ""
   match path:
+    case (layer, "kernel") if deep and layer in _DEEP_STEM:
+      return (_Entry(f"conv1.{_DEEP_STEM[layer]}.weight", path, "conv"),
+              (0, _DEEP_STEM[layer], 0))
+    case (layer, v) if deep and layer in _DEEP_STEM and v in _BN:
+      return (_Entry(f"conv1.{_DEEP_STEM[layer]}.{_BN[v]}", path, "vector"),
+              (0, _DEEP_STEM[layer], bn.index(v)))
     case ("stem_conv", "kernel"):
-      return _Entry(f"{names['stem']}.weight", path, "conv"), (0,)
+      return _Entry(f"{names['stem']}.weight", path, "conv"), (0, 0, 0)
     case ("stem_norm", v) if v in _BN:
       return (_Entry(f"{names['stem_bn']}.{_BN[v]}", path, "vector"),
               (1, bn.index(v)))
@@ -121,23 +155,28 @@ def _entry(path: tuple, names: dict[str, str]) -> tuple[_Entry, tuple]:
       return _Entry(f"{names['fc']}.bias", path, "vector"), (3, 1)
     case ("stages", int(i), int(j), *rest):
       unit = f"layer{i + 1}.{j}."
+      down = 1 if model.stages[i][j].avg_down else 0
       match tuple(rest):
-        case ("convs", int(k), "kernel"):
-          return (_Entry(f"{unit}conv{k + 1}.weight", path, "conv"),
-                  (2, i, j, 2 * k, 0))
-        case ("norms", int(k), v) if v in _BN:
-          return (_Entry(f"{unit}bn{k + 1}.{_BN[v]}", path, "vector"),
-                  (2, i, j, 2 * k + 1, bn.index(v)))
-        case ("se", v) if v in _SE:
-          key, kind = _SE[v]
-          return (_Entry(f"{unit}{names['se']}.{key}", path, kind),
-                  (2, i, j, 100, list(_SE).index(v)))
-        case ("proj", "kernel"):
-          return (_Entry(f"{unit}downsample.0.weight", path, "conv"),
+        case (layer, "kernel") if layer in _UNIT:
+          return (_Entry(f"{unit}{layer}.weight", path, "conv"),
+                  (2, i, j, _UNIT[layer], 0))
+        case (layer, v) if layer in _UNIT and v in _BN:
+          return (_Entry(f"{unit}{layer}.{_BN[v]}", path, "vector"),
+                  (2, i, j, _UNIT[layer], bn.index(v)))
+        case ("attn", *inner):
+          params = type(model.stages[i][j].attn).__dict__.get(
+              "timm_params", {})
+          name = "/".join(map(str, inner))
+          if name in params:
+            key, kind = params[name]
+            return (_Entry(f"{unit}{names['se']}.{key}", path, kind),
+                    (2, i, j, 100, list(params).index(name)))
+        case ("downsample_conv", "kernel"):
+          return (_Entry(f"{unit}downsample.{down}.weight", path, "conv"),
                   (2, i, j, 200, 0))
-        case ("proj_norm", v) if v in _BN:
-          return (_Entry(f"{unit}downsample.1.{_BN[v]}", path, "vector"),
-                  (2, i, j, 201, bn.index(v)))
+        case ("downsample_norm", v) if v in _BN:
+          return (_Entry(f"{unit}downsample.{down + 1}.{_BN[v]}", path,
+                         "vector"), (2, i, j, 201, bn.index(v)))
   raise ValueError(
       f"se_jax variable {'/'.join(map(str, path))} has no timm counterpart."
   )
@@ -148,7 +187,7 @@ def _entries(arch: str, model: ResNet) -> list[tuple[_Entry, tuple]]:
   names = _NAMES[arch.startswith("legacy_")]
   out = []
   for path, var in nnx.to_flat_state(nnx.state(model)):
-    entry, order = _entry(tuple(path), names)
+    entry, order = _entry(tuple(path), names, model)
     out.append((order, entry, tuple(var.shape)))
   out.sort(key=lambda t: t[0])
   return [(entry, shape) for _, entry, shape in out]

@@ -1,4 +1,8 @@
-"""The SE block as a Flax NNX module, built on `se_jax.primitives`."""
+"""The layers of the ResNets: BatchNorm, convolution and average pooling.
+
+The SE block lives in `se_jax.attention.se` (re-exported here as
+`SqueezeExcite`).
+"""
 
 from __future__ import annotations
 
@@ -7,141 +11,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from se_jax import primitives
+from se_jax.attention.se import SqueezeExcite
 from se_jax.conv import IMPLEMENTATIONS, conv2d
 
-__all__ = ["BatchNorm", "Conv", "SqueezeExcite"]
-
-
-class SqueezeExcite(nnx.Module):
-  """Squeeze-and-Excitation block on an NHWC feature map.
-
-  The module owns the two FC layers and calls the pure primitives. Its gates
-  can be read after a forward pass: with ``record_gates=True`` (or through
-  ``nnx.view(model, record_gates=True)``) each call sows them as an
-  ``nnx.Intermediate`` named `tag`, which ``nnx.capture`` returns;
-  `se_jax.models.capture_gates` does this for a whole network.
-
-  With ``no_squeeze=True`` the block is the NoSqueeze variant of Table 16: the
-  same two layers act as 1x1 convolutions on every position of the map, with
-  no pooling, and the gates are per position.
-
-  Args:
-    channels: C, channels of the recalibrated map.
-    reduction: the ratio r.
-    rounding: ``"paper"`` (C // r) or ``"timm"``, see
-      `se_jax.primitives.reduced_width`.
-    reduced_channels: explicit C_r, overriding `reduction` and `rounding`.
-    use_bias: FC biases.
-    squeeze: pooling op, ``"avg"`` or ``"max"``.
-    activation: hidden nonlinearity.
-    gate: output nonlinearity.
-    no_squeeze: the Table 16 variant.
-    tag: name under which the gates are sown.
-    record_gates: sow the gates on each call (only inside ``nnx.capture``).
-    rngs: ``nnx.Rngs`` with a ``params`` stream.
-
-  References:
-    Hu et al., TPAMI 2019, Sec. 3 and Table 16.
-  """
-
-  def __init__(
-      self,
-      channels: int,
-      *,
-      reduction: float = 16,
-      rounding: str = "paper",
-      reduced_channels: int | None = None,
-      use_bias: bool = True,
-      squeeze: str = "avg",
-      activation: str = "relu",
-      gate: str = "sigmoid",
-      no_squeeze: bool = False,
-      tag: str = "gates",
-      record_gates: bool = False,
-      rngs: nnx.Rngs,
-  ):
-    for name, value, choices in (
-        ("squeeze", squeeze, primitives.SQUEEZE_OPS),
-        ("activation", activation, primitives.ACTIVATIONS),
-        ("gate", gate, primitives.GATES),
-    ):
-      primitives._check_choice(name, value, choices)
-    params = primitives.init_excite(
-        rngs.params(),
-        channels,
-        reduction=reduction,
-        reduced_channels=reduced_channels,
-        use_bias=use_bias,
-        rounding=rounding,
-    )
-    self.channels = channels
-    self.reduced_channels = params.w1.shape[1]
-    self.w1 = nnx.Param(params.w1)
-    self.w2 = nnx.Param(params.w2)
-    self.b1 = nnx.Param(params.b1) if use_bias else None
-    self.b2 = nnx.Param(params.b2) if use_bias else None
-    self.squeeze = squeeze
-    self.activation = activation
-    self.gate = gate
-    self.no_squeeze = no_squeeze
-    self.tag = tag
-    self.record_gates = record_gates
-
-  @property
-  def params(self) -> primitives.ExciteParams:
-    """The FC layers as an `ExciteParams`, for the pure primitives."""
-    bias = lambda b: None if b is None else b[...]
-    return primitives.ExciteParams(
-        self.w1[...], bias(self.b1), self.w2[...], bias(self.b2)
-    )
-
-  def set_view(self, record_gates: bool | None = None):
-    """Used by ``nnx.view``.
-
-    Args:
-      record_gates: if True, each call sows its gates (read them with
-        ``nnx.capture``).
-    """
-    if record_gates is not None:
-      self.record_gates = record_gates
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    if self.no_squeeze:
-      primitives._channel_axis("x", jnp.asarray(x), "NHWC")
-      gates = primitives.excite(
-          self.params, x, activation=self.activation, gate=self.gate
-      )
-      y = (x * gates).astype(x.dtype)
-    else:
-      y, gates = primitives.squeeze_excite(
-          self.params,
-          x,
-          op=self.squeeze,
-          activation=self.activation,
-          gate=self.gate,
-          return_gates=True,
-      )
-    self._record(gates)
-    return y
-
-  def affine_call(self, x: jax.Array, mul: jax.Array, add: jax.Array,
-                  dtype=None) -> jax.Array:
-    """The block on ``x * mul + add`` (a folded BatchNorm), in `dtype`
-    (default: x's), without storing that map for the gradient: see
-    `se_jax.squeeze_excite_affine`. Needs average pooling and a squeeze."""
-    if self.no_squeeze or self.squeeze != "avg":
-      raise ValueError(
-          "affine_call needs squeeze='avg' and no_squeeze=False, got"
-          f" squeeze={self.squeeze!r}, no_squeeze={self.no_squeeze}.")
-    y, gates = primitives.squeeze_excite_affine(
-        self.params, x, mul, add, activation=self.activation,
-        gate=self.gate, return_gates=True)
-    self._record(gates)
-    return y if dtype is None else y.astype(dtype)
-
-  def _record(self, gates: jax.Array) -> None:
-    if self.record_gates:
-      self.sow(nnx.Intermediate, self.tag, gates, reduce_fn=lambda _, g: g)
+__all__ = ["BatchNorm", "Conv", "SqueezeExcite", "avg_pool_2x2"]
 
 
 class BatchNorm(nnx.Module):
@@ -270,3 +143,16 @@ class Conv(nnx.Module):
     return conv2d(x.astype(dtype), kernel.astype(dtype),
                   strides=self.strides, padding=self.padding,
                   groups=self.groups, impl=self.impl)
+
+
+def avg_pool_2x2(x: jax.Array) -> jax.Array:
+  """2 x 2 average pooling with stride 2 of an NHWC map, in ceil mode: an
+  odd last row or column is averaged over the elements it has (PyTorch's
+  ``AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)``, the
+  shortcut of ResNet-D units)."""
+  h, w = x.shape[1:3]
+  pads = ((0, 0), (0, h % 2), (0, w % 2), (0, 0))
+  total = nnx.avg_pool(jnp.pad(x, pads), (2, 2), strides=(2, 2)) * 4
+  ones = jnp.pad(jnp.ones((1, h, w, 1), x.dtype), pads)
+  count = nnx.avg_pool(ones, (2, 2), strides=(2, 2)) * 4
+  return (total / count).astype(x.dtype)

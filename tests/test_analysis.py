@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import se_jax
 from experiments import data, recalibration
 from se_jax.analysis import class_gate_profiles, gate_statistics
 
@@ -85,12 +86,23 @@ def test_the_papers_blocks_are_selected():
       "SE_2_3", "SE_3_4", "SE_4_6", "SE_5_1", "SE_5_2", "SE_5_3"]
 
 
-def test_baseline_names():
-  assert recalibration.baseline_name("cifar_se_resnet20") == "cifar_resnet20"
-  assert recalibration.baseline_name("se_resnext50_32x4d") == "resnext50_32x4d"
-  assert recalibration.baseline_name("se_wrn16_8") == "wrn16_8"
-  with pytest.raises(ValueError, match="no plain counterpart"):
-    recalibration.baseline_name("resnet50")
+def test_plain_twins_come_from_the_registry():
+  twin = se_jax.models.plain_twin
+  assert twin("cifar_se_resnet20") == "cifar_resnet20"
+  assert twin("se_resnext50_32x4d") == "resnext50_32x4d"
+  assert twin("se_wrn16_8") == "wrn16_8"
+  # The Caffe-layout SENets' twins keep the Caffe layout.
+  assert twin("legacy_se_resnet50") == "legacy_resnet50"
+  assert twin("resnet50") == "resnet50"
+  # The twin is the same network without attention: the same parameters but
+  # the attention's.
+  for name in ("legacy_se_resnet18", "se_resnext26t_32x4d", "eca_resnet50d"):
+    with_attention = nnx.eval_shape(lambda: se_jax.models.create(name))
+    plain = nnx.eval_shape(lambda: se_jax.models.create(twin(name)))
+    no_attention = nnx.eval_shape(
+        lambda: se_jax.models.create(name, attention=None))
+    assert se_jax.count_params(plain) == se_jax.count_params(no_attention)
+    assert se_jax.count_params(with_attention) > se_jax.count_params(plain)
 
 
 @pytest.mark.skipif(not os.path.isdir(data.FASHION_MNIST_DIR),

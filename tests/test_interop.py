@@ -28,8 +28,14 @@ ISSUE_NAMES = [
     "seresnext50_32x4d", "seresnext101_32x4d",
     *(f"legacy_seresnet{d}" for d in (18, 34, 50, 101, 152)),
     "legacy_seresnext50_32x4d", "legacy_seresnext101_32x4d",
+    # ResNet-D and -T with SE and ECA.
+    *(f"resnet{d}d" for d in (18, 26, 34, 50, 101, 152, 200)),
+    "seresnet152d", "seresnext26d_32x4d", "seresnext26t_32x4d",
+    "seresnext101_32x8d", "seresnext101d_32x8d", "ecaresnet26t",
+    "ecaresnet50d", "ecaresnet50t", "ecaresnet101d", "ecaresnetlight",
 ]
-PARITY = [*ISSUE_NAMES, "resnext50_32x4d", "resnext101_32x4d"]
+PARITY = [*ISSUE_NAMES, "resnext50_32x4d", "resnext101_32x4d", "resnet26t",
+          "resnet50t"]
 IMAGE = (2, 64, 64, 3)  # NHWC; 64 is small and fine for the ceil-mode stem.
 PREPROCESSING = Preprocessing((0.5, 0.5, 0.5), (0.25, 0.25, 0.25), (224, 224),
                               0.875, "bilinear")
@@ -101,8 +107,9 @@ def _random_timm(timm, torch, name, seed=0):
   return tm.eval()
 
 
-def _hook_timm_gates(tm) -> dict:
-  """Records the gates of timm's SE modules, tagged as se_jax tags them."""
+def _hook_timm_gates(tm, prefix="SE") -> dict:
+  """Records the gates of timm's SE or ECA modules, tagged as se_jax tags
+  them."""
   gates = {}
   for stage_no, stage in enumerate(
       (tm.layer1, tm.layer2, tm.layer3, tm.layer4), start=2):
@@ -112,8 +119,8 @@ def _hook_timm_gates(tm) -> dict:
         continue
       gate = getattr(se, "gate", None) or se.sigmoid  # resnet.py / senet.py
 
-      def hook(module, inputs, output, tag=f"SE_{stage_no}_{unit_no}"):
-        gates[tag] = output.detach()[:, :, 0, 0].numpy().copy()
+      def hook(module, inputs, output, tag=f"{prefix}_{stage_no}_{unit_no}"):
+        gates[tag] = output.detach().reshape(output.shape[0], -1).numpy()
 
       gate.register_forward_hook(hook)
   return gates
@@ -160,14 +167,14 @@ def test_parity_with_timm(name, torch, timm):
   _assert_same_state(model, again)
 
   x = np.random.default_rng(1).standard_normal(IMAGE).astype(np.float32)
-  timm_gates = _hook_timm_gates(tm)
+  timm_gates = _hook_timm_gates(tm, "ECA" if "eca" in name else "SE")
   with torch.no_grad():
     expected = tm(_nchw(torch, x)).numpy()
   logits = model(jnp.asarray(x))
   assert logits.shape == expected.shape and logits.dtype == jnp.float32
   np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-4)
 
-  if name.startswith(("se", "legacy_se")):
+  if name.startswith(("se", "legacy_se", "eca")):
     gates = capture_gates(model, jnp.asarray(x))
     assert list(gates) == list(timm_gates)
     for tag, g in gates.items():
@@ -237,7 +244,7 @@ def test_mismatched_state_dicts_name_the_first_key_and_both_shapes(
 
 def test_unsupported_names_and_layouts_are_refused():
   with pytest.raises(ValueError, match="'vit_base_patch16_224' has no se_jax"
-                     " counterpart; supported: legacy_seresnet101"):
+                     " counterpart; supported: ecaresnet101d"):
     interop.from_timm("vit_base_patch16_224", {})
   # timm's legacy SE-ResNet-18/34 have a ReLU before SE in their basic
   # units; without it the shapes are the same and the function is not.
@@ -250,8 +257,9 @@ def test_unsupported_names_and_layouts_are_refused():
   model = nnx.eval_shape(lambda: create("se_resnet50"))
   with pytest.raises(ValueError, match=r"layout of se_jax's"
                      r" 'legacy_se_resnet50', the counterpart of timm's"
-                     r" 'legacy_seresnet50': stages/1/0/convs/0 has strides"
-                     r" \(1, 1\), expected \(2, 2\)"):
+                     r" 'legacy_seresnet50': stages/0/0/attn has options"
+                     r" .*'rounding': 'timm'.*expected options"
+                     r" .*'rounding': 'paper'"):
     interop.to_timm("legacy_seresnet50", model)
 
 

@@ -30,13 +30,22 @@ def _se_blocks(model):
   return [m for _, m in nnx.iter_modules(model) if isinstance(m, SqueezeExcite)]
 
 
+def _attention_blocks(model):
+  return [m for _, m in nnx.iter_modules(model)
+          if isinstance(m, se_jax.attention.Attention)]
+
+
 def test_registry_has_the_papers_models():
   assert set(REQUIRED) <= set(names())
 
 
 @pytest.mark.parametrize("name", names())
 def test_every_model_runs_train_and_eval(name):
-  model = create(name, num_classes=7)
+  # One unit per stage keeps the family's layout and the suite fast; the
+  # full depths are checked by the parameter counts and the timm tests.
+  full = nnx.eval_shape(lambda: create(name, num_classes=7))
+  model = create(name, num_classes=7,
+                 stage_sizes=(1,) * len(full.stages))
   x = _images()
   stats = lambda: jax.tree.map(np.array, nnx.state(model, nnx.BatchStat))
   before = stats()
@@ -53,8 +62,9 @@ def test_every_model_runs_train_and_eval(name):
   assert all(jax.tree.leaves(jax.tree.map(np.array_equal, after_train,
                                           stats())))
   np.testing.assert_array_equal(y_eval, model(x))
-  has_se = "se_" in name
-  assert bool(_se_blocks(model)) == has_se
+  assert bool(_se_blocks(model)) == ("se_" in name)
+  has_attention = se_jax.models.plain_twin(name) != name
+  assert bool(_attention_blocks(model)) == has_attention
 
 
 def test_se_resnet50_structure_and_gate_names():
@@ -66,7 +76,7 @@ def test_se_resnet50_structure_and_gate_names():
   for tag, c in (("SE_2_1", 256), ("SE_3_4", 512), ("SE_4_6", 1024),
                  ("SE_5_3", 2048)):
     assert gates[tag].shape == (2, c) and gates[tag].dtype == jnp.float32
-  block = model.stages[3][2].se
+  block = model.stages[3][2].attn
   assert (block.channels, block.reduced_channels) == (2048, 128)
 
 
@@ -85,9 +95,9 @@ def test_gates_are_input_dependent_and_match_the_primitive():
       if u is unit:
         break
       h = u(h)
-  r = nnx.relu(unit.norms[0](unit.convs[0](h)))
-  r = unit.norms[1](unit.convs[1](r))
-  _, want = ref.squeeze_excite(unit.se.params, np.asarray(r))
+  r = nnx.relu(unit.bn1(unit.conv1(h)))
+  r = unit.bn2(unit.conv2(r))
+  _, want = ref.squeeze_excite(unit.attn.params, np.asarray(r))
   np.testing.assert_allclose(gates["SE_4_3"], want, rtol=1e-5, atol=1e-6)
 
 
@@ -121,7 +131,7 @@ def test_capture_gates_with_the_outputs_of_the_same_pass():
 
 
 def test_capture_gates_needs_se_blocks():
-  with pytest.raises(ValueError, match="no SqueezeExcite blocks"):
+  with pytest.raises(ValueError, match="no attention modules"):
     capture_gates(create("cifar_resnet20"), _images())
 
 
@@ -133,20 +143,20 @@ def _unit(name="se_resnet50", stage=1, unit=0, **overrides):
 
 
 def test_reduction_and_rounding():
-  assert _unit(reduction=8).se.reduced_channels == 64        # 512 / 8
-  assert _unit("se_resnet18", stage=0).se.reduced_channels == 8   # timm
-  assert _unit("legacy_se_resnet18", stage=0).se.reduced_channels == 4
-  assert _unit("cifar_se_resnet20", stage=0).se.reduced_channels == 1
+  assert _unit(reduction=8).attn.reduced_channels == 64        # 512 / 8
+  assert _unit("se_resnet18", stage=0).attn.reduced_channels == 8   # timm
+  assert _unit("legacy_se_resnet18", stage=0).attn.reduced_channels == 4
+  assert _unit("cifar_se_resnet20", stage=0).attn.reduced_channels == 1
   u = _unit(rounding="paper", se_bias=False, reduction=32)
-  assert u.se.reduced_channels == 16 and u.se.b1 is None
+  assert u.attn.reduced_channels == 16 and u.attn.b1 is None
 
 
 def test_integration_and_position_widths():
   # The first unit of stage 3 maps 256 -> 512 channels, width 128.
-  assert _unit(integration="pre").se.channels == 256
-  assert _unit(integration="post").se.channels == 512
-  assert _unit(integration="identity").se.channels == 512
-  assert _unit(position="3x3").se.channels == 128
+  assert _unit(integration="pre").attn.channels == 256
+  assert _unit(integration="post").attn.channels == 512
+  assert _unit(integration="identity").attn.channels == 512
+  assert _unit(position="3x3").attn.channels == 128
 
 
 @pytest.mark.parametrize(
@@ -183,11 +193,11 @@ def test_integration_semantics():
     return u, h, u(h)
 
   def branch(u, h):
-    r = nnx.relu(u.norms[0](u.convs[0](h)))
-    return u.norms[1](u.convs[1](r))
+    r = nnx.relu(u.bn1(u.conv1(h)))
+    return u.bn2(u.conv2(r))
 
-  se = lambda u, h: se_jax.squeeze_excite(u.se.params, h)
-  shortcut = lambda u, h: u.proj_norm(u.proj(h))
+  se = lambda u, h: se_jax.squeeze_excite(u.attn.params, h)
+  shortcut = lambda u, h: u.downsample_norm(u.downsample_conv(h))
   u, h, out = run("standard")
   np.testing.assert_allclose(
       out, nnx.relu(se(u, branch(u, h)) + shortcut(u, h)), atol=1e-5)
@@ -218,12 +228,12 @@ def test_no_squeeze_gates_are_per_position():
 def test_stride_placement():
   v15 = _unit("resnet50")
   caffe = _unit("resnet50", stride="caffe")
-  assert v15.convs[0].strides == (1, 1) and v15.convs[1].strides == (2, 2)
-  assert caffe.convs[0].strides == (2, 2) and caffe.convs[1].strides == (1, 1)
+  assert v15.conv1.strides == (1, 1) and v15.conv2.strides == (2, 2)
+  assert caffe.conv1.strides == (2, 2) and caffe.conv2.strides == (1, 1)
   legacy = create("legacy_se_resnet50")
-  assert legacy.ceil_pool and legacy.stages[1][0].convs[0].strides == (2, 2)
+  assert legacy.ceil_pool and legacy.stages[1][0].conv1.strides == (2, 2)
   resnext = create("legacy_se_resnext50_32x4d")
-  assert resnext.stages[1][0].convs[1].strides == (2, 2)
+  assert resnext.stages[1][0].conv2.strides == (2, 2)
 
 
 def test_ceil_mode_max_pool_matches_reference():
@@ -242,8 +252,8 @@ def test_ceil_mode_max_pool_matches_reference():
 
 def test_resnext_and_wide_widths():
   u = _unit("se_resnext50_32x4d", stage=0)
-  assert u.convs[1].groups == 32
-  assert u.convs[1].in_features == 128 and u.out_channels == 256
+  assert u.conv2.groups == 32
+  assert u.conv2.in_features == 128 and u.out_channels == 256
   w = create("se_wrn16_8").stages[2][1]
   assert w.out_channels == 512 and w.preact
 
@@ -262,7 +272,16 @@ def test_bfloat16_compute():
     "kwargs,match",
     [(dict(name="se_resnet51"), r"unknown model 'se_resnet51'"),
      (dict(name="se_resnet50", reducton=8), r"unknown option\(s\) \['reducton'\]"),
-     (dict(name="resnet50", reduction=8), r"'resnet50' has no SE blocks"),
+     (dict(name="resnet50", reduction=8), r"'resnet50' has no attention"),
+     (dict(name="resnet50", attention="eca", reduction=8),
+      r"unknown option\(s\) \['reduction'\] for 'resnet50' with 'eca'"),
+     (dict(name="resnet50", attention="sk"), r"unknown attention 'sk'"),
+     (dict(name="resnet50", integration="pre"),
+      r"'resnet50' has no attention, so placement"),
+     (dict(name="eca_resnet50d", kernel_size=4),
+      r"kernel_size must be an odd positive int"),
+     (dict(name="resnet50", stem_type="deeper"), r"stem_type must be one of"),
+     (dict(name="resnet50", conv_impl="eigen"), r"conv_impl must be one of"),
      (dict(name="se_resnet50", integration="parallel"),
       r"integration must be one of .*'parallel'"),
      (dict(name="se_resnet50", gate="softmax"), r"gate must be one of"),
@@ -310,7 +329,7 @@ def test_split_apply_merge_under_jit_and_grad():
       params, stats, x, labels)
   assert np.isfinite(loss)
   # Gradients reach every parameter, the SE blocks' included.
-  se_grads = grads["stages"][2][2]["se"]
+  se_grads = grads["stages"][2][2]["attn"]
   assert float(jnp.abs(se_grads["w1"][...]).sum()) > 0
   # The stateful call gives the same loss and the same new statistics.
   logits = model(x)
@@ -332,7 +351,7 @@ def _unit_train_step(name, stage, size, **options):
   random projection of it, and the updated BatchNorm statistics."""
   unit = create(name, **options).stages[stage][0]
   graphdef, params, stats = nnx.split(unit, nnx.Param, nnx.BatchStat)
-  channels = unit.convs[0].in_features
+  channels = unit.conv1.in_features
   x = _images(n=4, size=size, c=channels, seed=3)
   ct = _images(n=4, size=size, c=channels, seed=4)
 
@@ -353,30 +372,28 @@ def _unit_train_step(name, stage, size, **options):
     ("se_resnet18", 1, {}),                       # basic, projected
     ("cifar_se_resnet20", 0, dict(gate="tanh")),  # basic, identity
 ])
-def test_folding_the_norm_into_se_computes_the_same(name, stage, options,
-                                                     monkeypatch):
-  from se_jax.models import resnet
+def test_folding_the_norm_into_se_computes_the_same(name, stage, options):
   units = [u for s in create(name, **options).stages for u in s]
-  assert all(u.fold_norm_into_se for u in units)
+  assert all(u.fold_norm for u in units)
   folded = _unit_train_step(name, stage, 16, **options)
-  monkeypatch.setattr(resnet.ResidualUnit, "fold_norm_into_se",
-                      property(lambda self: False))
-  apart = _unit_train_step(name, stage, 16, **options)
+  apart = _unit_train_step(name, stage, 16, fold_norm=False, **options)
+  assert not create(name, fold_norm=False, **options).stages[0][0].fold_norm
   for a, b in zip(jax.tree.leaves(folded), jax.tree.leaves(apart)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
 
 
 def test_only_the_standard_unit_folds_the_norm():
   fold = lambda **kw: create("cifar_se_resnet20", **kw).stages[0][0] \
-      .fold_norm_into_se
+      .fold_norm
   assert fold() and fold(gate="tanh") and fold(se_bias=False)
   for kw in (dict(squeeze="max"), dict(no_squeeze=True),
              dict(integration="pre"), dict(integration="post"),
              dict(integration="identity"), dict(position="3x3")):
     assert not fold(**kw), kw
-  assert not create("legacy_se_resnet18").stages[0][0].fold_norm_into_se
-  assert not create("cifar_resnet20").stages[0][0].fold_norm_into_se
-  se = SqueezeExcite(8, reduction=2, squeeze="max", rngs=nnx.Rngs(0))
+  assert not create("legacy_se_resnet18").stages[0][0].fold_norm
+  assert not create("cifar_resnet20").stages[0][0].fold_norm
+  assert not create("eca_resnet50d").stages[0][0].fold_norm
+  se = SqueezeExcite(8, dict(reduction=2, squeeze="max"), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="squeeze='avg'"):
     se.affine_call(jnp.ones((1, 2, 2, 8)), jnp.ones(8), jnp.zeros(8))
 

@@ -14,14 +14,20 @@ import argparse
 import ml_collections
 from ml_collections import config_dict
 
-from se_jax.models import MODEL_OPTIONS, SE_OPTIONS
+from se_jax.models import option_types
 
-_OPTION_TYPES = {
-    "reduction": float, "rounding": str, "se_bias": bool, "squeeze": str,
-    "activation": str, "gate": str, "integration": str, "position": str,
-    "se_stages": tuple, "no_squeeze": bool, "stride": str, "ceil_pool": bool,
-    "preact": bool, "relu_before_se": bool, "widths": tuple, "stem_width": int, "stage_sizes": tuple, "conv_impl": str,
-}
+# Set by the run itself: the dataset decides the input channels, and
+# compute_dtype the model's dtype.
+_SET_BY_RUN = ("in_channels", "dtype")
+
+
+def model_option_placeholders() -> ml_collections.ConfigDict:
+  """A typed placeholder (None: the model's default) for every option of
+  `se_jax.models.create`, from the dataclasses and signatures that define
+  them (`se_jax.models.option_types`)."""
+  return ml_collections.ConfigDict({
+      k: config_dict.placeholder(t) for k, t in option_types().items()
+      if k not in _SET_BY_RUN})
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -31,11 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data_dir = config_dict.placeholder(str)
   c.model = "cifar_se_resnet20"
   # Options passed to se_jax.models.create; None leaves the model's default.
-  c.model_options = ml_collections.ConfigDict({
-      k: config_dict.placeholder(_OPTION_TYPES[k])
-      for k in (*SE_OPTIONS, *MODEL_OPTIONS) if k != "in_channels"
-      and k != "dtype"
-  })
+  c.model_options = model_option_placeholders()
   c.compute_dtype = "float32"  # or "bfloat16"; parameters stay float32.
 
   c.batch_size = 128

@@ -14,11 +14,14 @@ when a checkpoint is saved or loaded, never on import.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
 import os
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 from flax import nnx
 
 from se_jax.models.registry import create
@@ -27,17 +30,6 @@ from se_jax.models.resnet import ResNet
 __all__ = ["Preprocessing", "load_pretrained", "save_pretrained"]
 
 _FORMAT = "se_jax.pretrained/1"
-
-# Static attributes that decide what a module computes but leave the
-# parameter shapes alone (e.g. timm's seresnet50 and legacy_seresnet50 have
-# identical shapes and differ in where they stride).
-_LAYOUT_ATTRIBUTES = (
-    "stem_kind", "ceil_pool", "preact", "relu_before_se", "integration",
-    "position", "mid",
-    "strides", "padding", "groups", "feature_group_count", "squeeze",
-    "activation", "gate", "no_squeeze", "momentum", "epsilon",
-)
-
 
 class Preprocessing(NamedTuple):
   """How a pretrained model expects its images, as timm evaluates it.
@@ -81,20 +73,58 @@ def _import_orbax(what: str):
 
 
 @functools.lru_cache(maxsize=16)
-def _abstract_split(name: str, num_classes: int, in_channels: int, dtype):
+def _abstract_split(name: str, num_classes: int, in_channels: int, dtype,
+                    conv_impl: str):
   return nnx.split(nnx.eval_shape(lambda: create(
-      name, num_classes=num_classes, in_channels=in_channels, dtype=dtype)))
+      name, num_classes=num_classes, in_channels=in_channels, dtype=dtype,
+      conv_impl=conv_impl)))
 
 
 def _abstract(name: str, num_classes: int, in_channels: int,
-              dtype=None) -> ResNet:
+              dtype=None, conv_impl: str = "auto") -> ResNet:
   """The registry model `name` with shapes for values, built once.
 
   Tracing a deep network's initialisers takes seconds; the cached split is
   merged with a copy of its variables, so no two models share them.
   """
-  graphdef, state = _abstract_split(name, num_classes, in_channels, dtype)
+  graphdef, state = _abstract_split(name, num_classes, in_channels, dtype,
+                                    conv_impl)
   return nnx.merge(graphdef, jax.tree.map(lambda x: x, state))
+
+
+def _static(value: Any) -> Any:
+  """`value` if it is static configuration (numbers, strings, tuples,
+  option dataclasses), as comparable plain data; else None."""
+  if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    return {k: _static(v) for k, v in dataclasses.asdict(value).items()}
+  if isinstance(value, (tuple, list)):
+    items = [_static(v) for v in value]
+    return tuple(items) if all(i is not _NOT_STATIC for i in items) \
+        else _NOT_STATIC
+  if value is None or isinstance(value, (bool, int, float, str)):
+    return value
+  if isinstance(value, type) or isinstance(value, np.dtype):
+    return str(value)
+  return _NOT_STATIC
+
+
+_NOT_STATIC = object()
+
+
+def _static_attributes(module: nnx.Module) -> dict[str, Any]:
+  """The attributes of `module` that configure what it computes: every
+  static attribute except the switches of ``nnx.view`` (``set_view``'s
+  arguments, such as BatchNorm's mode), which change how it runs."""
+  switches = (set(inspect.signature(module.set_view).parameters)
+              if hasattr(module, "set_view") else set())
+  out = {}
+  for name, value in vars(module).items():
+    if name.startswith("_") or name in switches:
+      continue
+    value = _static(value)
+    if value is not _NOT_STATIC:
+      out[name] = value
+  return out
 
 
 def _path(path) -> str:
@@ -105,10 +135,7 @@ def _layout(model: nnx.Module) -> dict[str, dict[str, Any]]:
   layout = {}
   for path, module in nnx.iter_modules(model):
     layout[_path(path) or "the model"] = {
-        "type": type(module).__name__,
-        **{a: getattr(module, a) for a in _LAYOUT_ATTRIBUTES
-           if hasattr(module, a)},
-    }
+        "type": type(module).__name__, **_static_attributes(module)}
   for path, var in nnx.to_flat_state(nnx.state(model)):
     layout[_path(path)] = {"type": type(var).__name__,
                            "shape": tuple(var.shape)}
@@ -125,9 +152,11 @@ def _layout_difference(model: nnx.Module, reference: nnx.Module) -> str | None:
   for key, expected in want.items():
     if key not in got:
       return f"{key} ({expected['type']}) is missing"
-    for attr, value in expected.items():
-      if got[key].get(attr) != value:
-        return f"{key} has {attr} {got[key].get(attr)}, expected {value}"
+    differ = [a for a, v in expected.items() if got[key].get(a) != v]
+    if differ:
+      return (f"{key} has " + ", ".join(
+          f"{a} {got[key].get(a)}" for a in differ) + ", expected "
+          + ", ".join(f"{a} {expected[a]}" for a in differ))
   for key in got:
     if key not in want:
       return f"{key} ({got[key]['type']}) is not part of it"
@@ -141,7 +170,8 @@ def _check_matches(model: ResNet, name: str, what: str,
     raise TypeError(
         f"{what} takes an se_jax.models.ResNet, got {type(model).__name__}."
     )
-  reference = _abstract(name, model.fc.out_features, model.in_channels)
+  reference = _abstract(name, model.fc.out_features, model.in_channels,
+                        model.dtype, model.conv_impl)
   difference = _layout_difference(model, reference)
   if difference is not None:
     raise ValueError(

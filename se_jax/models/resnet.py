@@ -1,9 +1,12 @@
-"""One ResNet family, with the SE block injected into its residual units.
+"""One ResNet family, with an attention slot in its residual units.
 
 Basic and bottleneck units, ResNeXt (cardinality x width), wide and
-pre-activation networks, an ImageNet stem and a CIFAR stem are configurations
-of the two classes below. Where SE goes is an `SEConfig`, so every
-integration variant of the paper is one argument away.
+pre-activation networks, ResNet-D and -T (deep stem, average-pool shortcut),
+an ImageNet stem and a CIFAR stem are configurations of the two classes
+below. Each unit asks `se_jax.attention.create` for its attention module by
+name (``attention="se"``, ``"eca"``, ...; None for none) and places it as a
+`Placement` says, so every integration variant of the SE paper applies to
+every kind.
 
 Layout conventions:
   - ``stride="v1.5"`` puts a downsampling unit's stride on the 3x3 conv, as
@@ -13,35 +16,41 @@ Layout conventions:
   - Padding is explicit and symmetric, as in those models, so that weights
     carry over exactly.
   - Stages are numbered as in the paper: the stem is stage 1, the first
-    residual stage is stage 2. SE blocks are tagged ``SE_<stage>_<unit>``.
+    residual stage is stage 2. Attention modules are tagged
+    ``<PREFIX>_<stage>_<unit>``, e.g. ``SE_2_1`` or ``ECA_4_6``.
 
 References:
   He, Zhang, Ren, Sun. "Deep Residual Learning for Image Recognition". CVPR
   2016. He et al. "Identity Mappings in Deep Residual Networks". ECCV 2016.
   Xie et al. "Aggregated Residual Transformations for Deep Neural Networks".
   CVPR 2017. Zagoruyko, Komodakis. "Wide Residual Networks". BMVC 2016.
-  Hu et al. "Squeeze-and-Excitation Networks". TPAMI 2019, Sec. 4 and 6.
+  He et al. "Bag of Tricks for Image Classification with Convolutional
+  Neural Networks". CVPR 2019 (ResNet-D). Hu et al. "Squeeze-and-Excitation
+  Networks". TPAMI 2019, Sec. 4 and 6.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from se_jax.layers import BatchNorm, Conv, SqueezeExcite
-from se_jax.primitives import ACTIVATIONS, GATES, ROUNDINGS, SQUEEZE_OPS
-from se_jax.primitives import _check_choice
+from se_jax import attention as attention_lib
+from se_jax.attention.base import check_choice
+from se_jax.conv import IMPLEMENTATIONS
+from se_jax.layers import BatchNorm, Conv, avg_pool_2x2
 
-__all__ = ["BLOCKS", "INTEGRATIONS", "POSITIONS", "ResNet", "ResidualUnit",
-           "SEConfig", "STEMS", "STRIDES", "check_se_config"]
+__all__ = ["BLOCKS", "INTEGRATIONS", "POSITIONS", "Placement", "ResNet",
+           "ResidualUnit", "STEMS", "STEM_TYPES", "STRIDES"]
 
 BLOCKS = ("basic", "bottleneck")
 STEMS = ("imagenet", "cifar")
+STEM_TYPES = ("", "deep", "deep_tiered")
 STRIDES = ("v1.5", "caffe")
 INTEGRATIONS = ("standard", "pre", "post", "identity")
 POSITIONS = ("standard", "3x3")
@@ -51,56 +60,39 @@ _BN_EPSILON = 1e-5
 _conv_init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
-class SEConfig(NamedTuple):
-  """Where and how a network uses SE blocks.
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """Where a network's attention modules sit (the SE paper's variants).
 
   Attributes:
-    reduction: the reduction ratio r (Table 10).
-    rounding: ``"paper"`` (C // r) or ``"timm"`` (multiple of 8, >= 8).
-    se_bias: FC biases (dropped in the paper's ablations, Sec. 6).
-    squeeze: ``"avg"`` or ``"max"`` (Table 11).
-    activation: hidden nonlinearity of the excitation.
-    gate: output nonlinearity (Table 12).
-    integration: ``"standard"``, ``"pre"``, ``"post"`` or ``"identity"``
+    integration: ``"standard"`` (on the residual branch after its last BN,
+      before the addition), ``"pre"`` (before the unit), ``"post"`` (after
+      the addition and ReLU) or ``"identity"`` (on the identity branch)
       (Table 14).
-    position: ``"standard"`` (after the residual branch's last BN) or
-      ``"3x3"`` (after the 3x3 conv, Table 15).
-    se_stages: paper-numbered stages that get SE (Table 13); None for all.
-    no_squeeze: the NoSqueeze variant (Table 16).
+    position: ``"standard"`` or ``"3x3"`` (right after the 3x3 conv of a
+      bottleneck, Table 15).
+    se_stages: paper-numbered stages whose units have the attention
+      (Table 13); None for all.
   """
 
-  reduction: float = 16
-  rounding: str = "paper"
-  se_bias: bool = True
-  squeeze: str = "avg"
-  activation: str = "relu"
-  gate: str = "sigmoid"
   integration: str = "standard"
   position: str = "standard"
   se_stages: tuple[int, ...] | None = None
-  no_squeeze: bool = False
 
-
-def check_se_config(se: SEConfig) -> None:
-  """Raises ValueError naming the first field of `se` that is invalid."""
-  _check_choice("rounding", se.rounding, ROUNDINGS)
-  _check_choice("squeeze", se.squeeze, SQUEEZE_OPS)
-  _check_choice("activation", se.activation, ACTIVATIONS)
-  _check_choice("gate", se.gate, GATES)
-  _check_choice("integration", se.integration, INTEGRATIONS)
-  _check_choice("position", se.position, POSITIONS)
-  if not se.reduction > 0:
-    raise ValueError(f"reduction must be > 0, got {se.reduction}.")
-  if se.position == "3x3" and se.integration != "standard":
-    raise ValueError(
-        "position='3x3' places SE inside the residual branch and needs"
-        f" integration='standard', got integration={se.integration!r}."
-    )
-  if se.no_squeeze and se.squeeze != "avg":
-    raise ValueError(
-        "no_squeeze=True has no pooling; leave squeeze='avg', got"
-        f" squeeze={se.squeeze!r}."
-    )
+  def __post_init__(self):
+    check_choice("integration", self.integration, INTEGRATIONS)
+    check_choice("position", self.position, POSITIONS)
+    if self.position == "3x3" and self.integration != "standard":
+      raise ValueError(
+          "position='3x3' places the attention inside the residual branch"
+          " and needs integration='standard', got"
+          f" integration={self.integration!r}.")
+    if self.se_stages is not None:
+      stages = tuple(self.se_stages)
+      if not all(isinstance(s, int) and not isinstance(s, bool)
+                 for s in stages):
+        raise ValueError(f"se_stages must be stage numbers, got {stages}.")
+      object.__setattr__(self, "se_stages", stages)
 
 
 def _conv(cin, cout, k, *, stride=1, groups=1, dtype, impl, rngs):
@@ -112,12 +104,18 @@ def _conv(cin, cout, k, *, stride=1, groups=1, dtype, impl, rngs):
   )
 
 
-def _norm(c, *, dtype, rngs):
+def _norm(c, *, dtype):
   return BatchNorm(c, momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON, dtype=dtype)
 
 
 class ResidualUnit(nnx.Module):
-  """A residual unit, basic or bottleneck, plain or pre-activation, +/- SE.
+  """A residual unit, basic or bottleneck, plain or pre-activation, with an
+  optional attention module.
+
+  Layers: ``conv1``, ``bn1``, ``conv2``, ``bn2`` (and ``conv3``, ``bn3`` in a
+  bottleneck), ``attn``, and the projection shortcut ``downsample_conv``,
+  ``downsample_norm`` where the shape changes. A pre-activation unit has
+  ``pre_bn`` and no BN after its last conv.
 
   Args:
     in_channels: channels of the unit's input.
@@ -129,10 +127,18 @@ class ResidualUnit(nnx.Module):
     base_width: width per group at planes=64 (ResNeXt's "d").
     preact: BN-ReLU-conv ordering (He et al., ECCV 2016).
     relu_before_se: a ReLU between the residual branch's last BN and what
-      follows it (SE and the addition), as in the basic units of timm's
-      ``legacy_seresnet18/34`` (timm/models/senet.py, SEResNetBlock).
-    se: an `SEConfig`, or None for a unit without SE.
-    tag: name of the unit's SE gates, e.g. ``"SE_2_1"``.
+      follows it (the attention and the addition), as in the basic units of
+      timm's ``legacy_seresnet18/34`` (timm/models/senet.py, SEResNetBlock).
+    avg_down: the ResNet-D shortcut: 2 x 2 average pooling, then a stride-1
+      1x1 conv.
+    attention: a kind of `se_jax.attention.KINDS`, or None.
+    attention_options: the kind's options (its ``Options`` or a dict).
+    placement: where the attention sits.
+    fold_norm: let an attention module that can (``folds_norm``, e.g. SE
+      with average pooling) take the branch's last BN as a per-channel
+      affine, so that training does not store the normalised map; the same
+      function either way.
+    tag: name of the attention's recorded gates, e.g. ``"SE_2_1"``.
     dtype: compute dtype.
     conv_impl: how the convolutions are computed, see
       `se_jax.conv.conv2d`.
@@ -143,122 +149,128 @@ class ResidualUnit(nnx.Module):
       self, in_channels: int, planes: int, *, block: str = "basic",
       stride: int = 1, stride_on: str = "v1.5", groups: int = 1,
       base_width: int = 64, preact: bool = False,
-      relu_before_se: bool = False, se: SEConfig | None = None,
+      relu_before_se: bool = False, avg_down: bool = False,
+      attention: str | None = None, attention_options: Any = None,
+      placement: Placement | None = None, fold_norm: bool = True,
       tag: str = "gates", dtype=None, conv_impl: str = "auto",
       rngs: nnx.Rngs,
   ):
-    _check_choice("block", block, BLOCKS)
-    _check_choice("stride", stride_on, STRIDES)
-    if block == "basic":
-      if groups != 1 or base_width != 64:
-        raise ValueError(
-            "basic units support groups=1 and base_width=64 only, got"
-            f" groups={groups}, base_width={base_width}."
-        )
-      width = out = planes
-      shapes = [(in_channels, width, 3, stride, 1), (width, out, 3, 1, 1)]
-      self.mid = 0
-    else:
-      width = int(planes * (base_width / 64.0)) * groups
-      out = planes * 4
-      s1, s3 = (stride, 1) if stride_on == "caffe" else (1, stride)
-      shapes = [(in_channels, width, 1, s1, 1), (width, width, 3, s3, groups),
-                (width, out, 1, 1, 1)]
-      self.mid = 1
-    self.out_channels = out
+    check_choice("block", block, BLOCKS)
+    check_choice("stride", stride_on, STRIDES)
+    check_choice("conv_impl", conv_impl, IMPLEMENTATIONS)
     if relu_before_se and preact:
       raise ValueError(
           "relu_before_se needs a BN at the end of the residual branch;"
           " pre-activation units have none.")
+    placement = placement or Placement()
+    conv = lambda *a, **k: _conv(*a, dtype=dtype, impl=conv_impl, rngs=rngs,
+                                 **k)
+    norm = lambda c: _norm(c, dtype=dtype)
+    self.block = block
     self.preact = preact
     self.relu_before_se = relu_before_se
-    self.convs = nnx.List([
-        _conv(ci, co, k, stride=s, groups=g, dtype=dtype, impl=conv_impl,
-              rngs=rngs)
-        for ci, co, k, s, g in shapes
-    ])
-    n_norms = len(shapes) - 1 if preact else len(shapes)
-    self.norms = nnx.List([
-        _norm(co, dtype=dtype, rngs=rngs) for _, co, *_ in shapes[:n_norms]
-    ])
-    self.pre_norm = _norm(in_channels, dtype=dtype, rngs=rngs) if preact else None
+    self.avg_down = avg_down
+    self.stride = stride
+    if block == "basic":
+      if groups != 1 or base_width != 64:
+        raise ValueError(
+            "basic units support groups=1 and base_width=64 only, got"
+            f" groups={groups}, base_width={base_width}.")
+      width = out = planes
+      self.conv1 = conv(in_channels, width, 3, stride=stride)
+      self.bn1 = norm(width)
+      self.conv2 = conv(width, out, 3)
+      self.bn2 = None if preact else norm(out)
+      self.conv3 = self.bn3 = None
+    else:
+      width = int(planes * (base_width / 64.0)) * groups
+      out = planes * 4
+      s1, s3 = (stride, 1) if stride_on == "caffe" else (1, stride)
+      self.conv1 = conv(in_channels, width, 1, stride=s1)
+      self.bn1 = norm(width)
+      self.conv2 = conv(width, width, 3, stride=s3, groups=groups)
+      self.bn2 = norm(width)
+      self.conv3 = conv(width, out, 1)
+      self.bn3 = None if preact else norm(out)
+    self.out_channels = out
+    self.pre_bn = norm(in_channels) if preact else None
 
     project = stride != 1 or in_channels != out
-    self.proj = (
-        _conv(in_channels, out, 1, stride=stride, dtype=dtype,
-              impl=conv_impl, rngs=rngs)
-        if project else None
-    )
-    self.proj_norm = (
-        _norm(out, dtype=dtype, rngs=rngs) if project and not preact else None
-    )
+    self.downsample_conv = (
+        conv(in_channels, out, 1, stride=1 if avg_down else stride)
+        if project else None)
+    self.downsample_norm = norm(out) if project and not preact else None
 
-    if se is not None:
-      check_se_config(se)
-      if se.position == "3x3":
-        se_channels = width
-      elif se.integration == "pre":
-        se_channels = in_channels
+    self.integration = placement.integration
+    self.position = placement.position
+    if attention is None:
+      self.attn = None
+    else:
+      if placement.position == "3x3":
+        channels = width
+      elif placement.integration == "pre":
+        channels = in_channels
       else:
-        se_channels = out
-    self.integration = None if se is None else se.integration
-    self.position = None if se is None else se.position
-    self.se = None if se is None else SqueezeExcite(
-        se_channels, reduction=se.reduction, rounding=se.rounding,
-        use_bias=se.se_bias, squeeze=se.squeeze, activation=se.activation,
-        gate=se.gate, no_squeeze=se.no_squeeze, tag=tag, rngs=rngs,
-    )
+        channels = out
+      self.attn = attention_lib.create(
+          attention, channels, options=attention_options, tag=tag,
+          dtype=dtype, rngs=rngs)
+    # The standard unit hands its last BN to an attention that folds it.
+    self.fold_norm = bool(
+        fold_norm and self._attends("standard", "standard")
+        and not preact and not relu_before_se and self.attn.folds_norm)
 
-  @property
-  def fold_norm_into_se(self) -> bool:
-    """Whether the last BN feeds the SE block as a per-channel affine
-    (`SqueezeExcite.affine_call`), which keeps training from storing the
-    normalised map: the standard SE-ResNet unit with average pooling."""
-    return (self._se_at("standard") and not self.preact
-            and not self.relu_before_se and not self.se.no_squeeze
-            and self.se.squeeze == "avg")
+  def _attends(self, integration: str, position: str = "standard") -> bool:
+    return (self.attn is not None and self.integration == integration
+            and self.position == position)
 
-  def _se_at(self, integration: str, position: str = "standard") -> bool:
-    return (
-        self.se is not None
-        and self.integration == integration
-        and self.position == position
-    )
+  def _shortcut(self, x: jax.Array) -> jax.Array:
+    if self.downsample_conv is None:
+      return x
+    if self.avg_down and self.stride > 1:
+      x = avg_pool_2x2(x)
+    x = self.downsample_conv(x)
+    return x if self.downsample_norm is None else self.downsample_norm(x)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = self.se(x) if self._se_at("pre") else x
+    h = self.attn(x) if self._attends("pre") else x
     if self.preact:
-      h = nnx.relu(self.pre_norm(h))
-      shortcut = self.proj(h) if self.proj is not None else x
-    elif self.proj is not None:
-      shortcut = self.proj_norm(self.proj(x))
+      h = nnx.relu(self.pre_bn(h))
+      shortcut = x if self.downsample_conv is None else self._shortcut(h)
     else:
-      shortcut = x
-    fold = self.fold_norm_into_se
-    last = len(self.convs) - 1
-    for i, conv in enumerate(self.convs):
-      h = conv(h)
-      if i < last:
-        h = nnx.relu(self.norms[i](h))
-        if i == self.mid and self._se_at("standard", "3x3"):
-          h = self.se(h)
-      elif fold:
-        norm = self.norms[i]
-        mul, add = norm.affine(h)
-        h = self.se.affine_call(h, mul, add, dtype=norm.dtype)
-      elif not self.preact:
-        h = self.norms[i](h)
+      shortcut = self._shortcut(x)
+
+    h = nnx.relu(self.bn1(self.conv1(h)))
+    if self.block == "basic":
+      if self._attends("standard", "3x3"):
+        h = self.attn(h)
+      h = self.conv2(h)
+      last_bn = self.bn2
+    else:
+      h = nnx.relu(self.bn2(self.conv2(h)))
+      if self._attends("standard", "3x3"):
+        h = self.attn(h)
+      h = self.conv3(h)
+      last_bn = self.bn3
+
+    if self.fold_norm:
+      mul, add = last_bn.affine(h)
+      h = self.attn.affine_call(h, mul, add, dtype=last_bn.dtype)
+    else:
+      if last_bn is not None:
+        h = last_bn(h)
         if self.relu_before_se:
           h = nnx.relu(h)
-    if self._se_at("standard") and not fold:
-      h = self.se(h)
-    if self._se_at("identity"):
-      shortcut = self.se(shortcut)
+      if self._attends("standard"):
+        h = self.attn(h)
+
+    if self._attends("identity"):
+      shortcut = self.attn(shortcut)
     out = h + shortcut
     if not self.preact:
       out = nnx.relu(out)
-    if self._se_at("post"):
-      out = self.se(out)
+    if self._attends("post"):
+      out = self.attn(out)
     return out
 
 
@@ -276,16 +288,23 @@ def _max_pool_3x3_s2(x: jax.Array, ceil_mode: bool) -> jax.Array:
 
 
 class ResNet(nnx.Module):
-  """The ResNet family: ResNet, SE-ResNet, ResNeXt, WRN, CIFAR ResNets.
+  """The ResNet family: ResNet, SE-ResNet, ResNeXt, WRN, CIFAR ResNets,
+  ResNet-D/T, with any attention kind.
 
   Args:
     block: ``"basic"`` or ``"bottleneck"``.
     stage_sizes: number of units in each stage.
     widths: planes of each stage (default: ImageNet's 64..512, or CIFAR's
       16, 32, 64 for three stages).
-    stem: ``"imagenet"`` (7x7/2 conv + 3x3/2 max-pool) or ``"cifar"``
-      (3x3 conv, no pooling).
-    stem_width: channels of the stem conv (64 ImageNet, 16 CIFAR).
+    stem: ``"imagenet"`` (a stem conv + 3x3/2 max-pool) or ``"cifar"`` (a
+      3x3 conv, no pooling).
+    stem_type: the ImageNet stem's convs: ``""`` (one 7x7/2), ``"deep"``
+      (three 3x3, the first with stride 2, of widths `deep_stem_width`,
+      `deep_stem_width`, `stem_width`: ResNet-D) or ``"deep_tiered"``
+      (widths 3/4 `deep_stem_width`, `deep_stem_width`, `stem_width`:
+      ResNet-T).
+    deep_stem_width: inner width of a deep stem.
+    stem_width: channels of the stem's output (64 ImageNet, 16 CIFAR).
     stride: ``"v1.5"`` or ``"caffe"``; sets where downsampling units stride.
     ceil_pool: max-pool in ceil mode without padding (the Caffe models);
       default: True exactly when ``stride="caffe"``.
@@ -293,7 +312,12 @@ class ResNet(nnx.Module):
     base_width: ResNeXt width per group at planes=64.
     preact: pre-activation units (and a final BN-ReLU before pooling).
     relu_before_se: see `ResidualUnit`.
-    se: an `SEConfig`, or None for the plain network.
+    avg_down: ResNet-D shortcuts (average pooling, then a 1x1 conv).
+    attention: a kind of `se_jax.attention.KINDS` for every unit, or None
+      for the plain network.
+    attention_options: the kind's options (its ``Options`` or a dict).
+    placement: where the attention sits, a `Placement`.
+    fold_norm: see `ResidualUnit`.
     num_classes: classifier outputs.
     in_channels: channels of the input images.
     dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
@@ -310,81 +334,105 @@ class ResNet(nnx.Module):
   def __init__(
       self, *, block: str, stage_sizes: Sequence[int],
       widths: Sequence[int] | None = None, stem: str = "imagenet",
+      stem_type: str = "", deep_stem_width: int = 32,
       stem_width: int | None = None, stride: str = "v1.5",
       ceil_pool: bool | None = None, groups: int = 1, base_width: int = 64,
       preact: bool = False, relu_before_se: bool = False,
-      se: SEConfig | None = None, num_classes: int = 1000,
-      in_channels: int = 3, dtype=None, conv_impl: str = "auto",
-      rngs: nnx.Rngs,
+      avg_down: bool = False, attention: str | None = None,
+      attention_options: Any = None, placement: Placement | None = None,
+      fold_norm: bool = True, num_classes: int = 1000, in_channels: int = 3,
+      dtype: Any = None, conv_impl: str = "auto", rngs: nnx.Rngs,
   ):
-    _check_choice("stem", stem, STEMS)
-    _check_choice("stride", stride, STRIDES)
+    check_choice("stem", stem, STEMS)
+    check_choice("stem_type", stem_type, STEM_TYPES)
+    check_choice("stride", stride, STRIDES)
+    check_choice("conv_impl", conv_impl, IMPLEMENTATIONS)
     stage_sizes = tuple(stage_sizes)
     if not stage_sizes or min(stage_sizes) < 1:
       raise ValueError(
-          f"stage_sizes must be positive unit counts, got {stage_sizes}."
-      )
+          f"stage_sizes must be positive unit counts, got {stage_sizes}.")
     if widths is None:
       widths = (64, 128, 256, 512) if stem == "imagenet" else (16, 32, 64)
       widths = tuple(widths[: len(stage_sizes)])
     if len(widths) != len(stage_sizes):
       raise ValueError(
           f"widths {tuple(widths)} and stage_sizes {stage_sizes} must have"
-          " the same length."
-      )
+          " the same length.")
     if stem_width is None:
       stem_width = 64 if stem == "imagenet" else 16
     if num_classes < 1 or in_channels < 1:
       raise ValueError(
           f"num_classes and in_channels must be >= 1, got {num_classes} and"
-          f" {in_channels}."
-      )
+          f" {in_channels}.")
+    if stem_type and stem != "imagenet":
+      raise ValueError(
+          f"stem_type={stem_type!r} is an ImageNet stem; the CIFAR stem is"
+          " one 3x3 conv.")
+    placement = placement or Placement()
+    if attention is not None:
+      attention_options = attention_lib.make_options(attention,
+                                                     attention_options)
+    elif attention_options:
+      raise ValueError(
+          "attention_options need an attention kind; got attention=None.")
     all_stages = tuple(range(2, 2 + len(stage_sizes)))
-    if se is not None:
-      check_se_config(se)
-      if se.se_stages is not None:
-        bad = sorted(set(se.se_stages) - set(all_stages))
-        if bad:
-          raise ValueError(
-              f"se_stages must be among the paper-numbered stages"
-              f" {all_stages}, got {tuple(se.se_stages)}."
-          )
+    if placement.se_stages is not None:
+      bad = sorted(set(placement.se_stages) - set(all_stages))
+      if bad:
+        raise ValueError(
+            f"se_stages must be among the paper-numbered stages"
+            f" {all_stages}, got {placement.se_stages}.")
     self.stem_kind = stem
+    self.stem_type = stem_type
     self.in_channels = in_channels
     self.ceil_pool = stride == "caffe" if ceil_pool is None else ceil_pool
     self.preact = preact
     self.dtype = dtype
-    k, s = (7, 2) if stem == "imagenet" else (3, 1)
-    self.stem_conv = _conv(in_channels, stem_width, k, stride=s, dtype=dtype,
-                           impl=conv_impl, rngs=rngs)
+    self.conv_impl = conv_impl
+    self.attention = attention
+    conv = lambda *a, **k: _conv(*a, dtype=dtype, impl=conv_impl, rngs=rngs,
+                                 **k)
+    if stem_type:
+      inner = ((3 * (deep_stem_width // 4), deep_stem_width)
+               if stem_type == "deep_tiered"
+               else (deep_stem_width, deep_stem_width))
+      self.stem_conv_a = conv(in_channels, inner[0], 3, stride=2)
+      self.stem_norm_a = _norm(inner[0], dtype=dtype)
+      self.stem_conv_b = conv(inner[0], inner[1], 3)
+      self.stem_norm_b = _norm(inner[1], dtype=dtype)
+      self.stem_conv = conv(inner[1], stem_width, 3)
+    else:
+      k, s = (7, 2) if stem == "imagenet" else (3, 1)
+      self.stem_conv_a = self.stem_norm_a = None
+      self.stem_conv_b = self.stem_norm_b = None
+      self.stem_conv = conv(in_channels, stem_width, k, stride=s)
     # A pre-activation net normalises the stem output in its first unit.
     self.stem_norm = (
-        None if preact and stem == "cifar"
-        else _norm(stem_width, dtype=dtype, rngs=rngs)
-    )
+        None if preact and stem == "cifar" else _norm(stem_width, dtype=dtype))
 
+    prefix = (attention_lib.KINDS[attention].tag_prefix
+              if attention is not None else "")
     stages = []
     c = stem_width
     for i, (n, planes) in enumerate(zip(stage_sizes, widths)):
       stage_no = i + 2
-      stage_se = se
-      if se is not None and se.se_stages is not None:
-        stage_se = se if stage_no in se.se_stages else None
+      attends = attention is not None and (
+          placement.se_stages is None or stage_no in placement.se_stages)
       units = []
       for j in range(n):
-        stride_ij = 2 if (j == 0 and i > 0) else 1
         unit = ResidualUnit(
-            c, planes, block=block, stride=stride_ij, stride_on=stride,
-            groups=groups, base_width=base_width, preact=preact,
-            relu_before_se=relu_before_se, se=stage_se,
-            tag=f"SE_{stage_no}_{j + 1}", dtype=dtype, conv_impl=conv_impl,
-            rngs=rngs,
-        )
+            c, planes, block=block, stride=2 if (j == 0 and i > 0) else 1,
+            stride_on=stride, groups=groups, base_width=base_width,
+            preact=preact, relu_before_se=relu_before_se, avg_down=avg_down,
+            attention=attention if attends else None,
+            attention_options=attention_options, placement=placement,
+            fold_norm=fold_norm, tag=f"{prefix}_{stage_no}_{j + 1}",
+            dtype=dtype, conv_impl=conv_impl, rngs=rngs)
         c = unit.out_channels
         units.append(unit)
       stages.append(nnx.List(units))
     self.stages = nnx.List(stages)
-    self.final_norm = _norm(c, dtype=dtype, rngs=rngs) if preact else None
+    self.final_norm = _norm(c, dtype=dtype) if preact else None
     self.num_features = c
     self.fc = nnx.Linear(c, num_classes, dtype=dtype, rngs=rngs)
 
@@ -393,14 +441,16 @@ class ResNet(nnx.Module):
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise TypeError(
           f"images must be a floating-point array (normalise uint8 images"
-          f" first), got dtype {x.dtype}."
-      )
+          f" first), got dtype {x.dtype}.")
     if x.ndim != 4 or x.shape[-1] != self.in_channels:
       raise ValueError(
           f"images must be NHWC with {self.in_channels} channels, got shape"
-          f" {x.shape}."
-      )
-    h = self.stem_conv(x)
+          f" {x.shape}.")
+    h = x
+    if self.stem_conv_a is not None:
+      h = nnx.relu(self.stem_norm_a(self.stem_conv_a(h)))
+      h = nnx.relu(self.stem_norm_b(self.stem_conv_b(h)))
+    h = self.stem_conv(h)
     if self.stem_norm is not None:
       h = nnx.relu(self.stem_norm(h))
     if self.stem_kind == "imagenet":
