@@ -30,9 +30,11 @@ import time
 import numpy as np
 from flax import nnx
 
-from experiments import files, trainer
+from experiments import data, files, paper, stats, trainer
 from experiments.configs import common
 from experiments.configs import fashion_mnist_se_resnet20 as recipe_config
+from experiments.provenance import markdown_header, provenance
+from se_jax import analysis
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(_HERE, "results", "converged")
@@ -167,6 +169,274 @@ def train(args) -> list[dict]:
   return done
 
 
+def _curves(path: str, runs: list[dict]) -> None:
+  """Test error by epoch and training loss by step, every run."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, (a, b) = plt.subplots(1, 2, figsize=(10.5, 3.8))
+  models = list(dict.fromkeys(r["model"] for r in runs))
+  for r in runs:
+    with open(os.path.join(r["run_dir"], "metrics.jsonl")) as f:
+      recs = [json.loads(line) for line in f]
+    color = f"C{models.index(r['model'])}"
+    evals = [(x["epoch"], x["top1_err"]) for x in recs if x["split"] == "eval"]
+    train = [(x["step"], x["loss"]) for x in recs if x["split"] == "train"]
+    label = r["model"] if r["seed"] == runs[0]["seed"] else None
+    a.plot(*zip(*evals), color=color, marker="o", ms=2.5, lw=1, alpha=0.8,
+           label=label)
+    b.plot(*zip(*train), color=color, lw=0.6, alpha=0.6, label=label)
+  a.set_xlabel("epoch")
+  a.set_ylabel("test error (%)")
+  a.set_yscale("log")
+  a.legend()
+  b.set_xlabel("step")
+  b.set_ylabel("training loss")
+  b.set_yscale("log")
+  b.legend()
+  fig.suptitle("Every seed of the converged study")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def gate_analysis(config, params_path: str, *, data_dir=None,
+                  max_examples: int | None = None):
+  """The gates of a trained SE network over the test set, and their
+  measures: ``(sample, {block: measures})``."""
+  from experiments import recalibration
+  model = load_params(trainer.build_model(config, rngs=nnx.Rngs(0)),
+                      params_path)
+  model.eval()
+  info = data.DATASETS[config.dataset]
+  _, transform = data.make_transforms(info)
+  source = data.get_source(config.dataset, info.eval_split,
+                           data_dir=data_dir)
+  sample = recalibration.collect_gates(model, source, transform,
+                                       batch_size=500,
+                                       max_examples=max_examples)
+  measures = {}
+  for block, g in sample.gates.items():
+    s = analysis.gate_statistics(g, sample.labels)._asdict()
+    dead = analysis.dead_gates(g, sample.labels)
+    s.update(dead_all=dead.all_inputs, dead_class_share=dead.class_share,
+             class_means=analysis.class_gate_profiles(g, sample.labels)[1])
+    measures[block] = s
+  return sample, measures
+
+
+_MEASURES = (("class_share", "class share"),
+             ("within_class_std", "within-class std"),
+             ("mean_abs_from_one", "mean abs(g-1)"),
+             ("near_one_share", "> 0.9"), ("near_zero_share", "< 0.1"),
+             ("scale_r2", "scale R^2"),
+             ("dead_class_share", "dead classes"))
+
+
+def compare(runs: list[dict], baseline: str, model: str) -> dict:
+  """Test errors of the two networks over the seeds both finished."""
+  by = {(r["model"], r["seed"]): r["top1_err"] for r in runs}
+  seeds = sorted(s for (m, s) in by if m == model and (baseline, s) in by)
+  a = [by[(baseline, s)] for s in seeds]
+  b = [by[(model, s)] for s in seeds]
+  out = {"seeds": seeds, "baseline": a, "attention": b,
+         "baseline_mean": float(np.mean(a)) if a else None,
+         "attention_mean": float(np.mean(b)) if b else None,
+         "baseline_std": float(np.std(a, ddof=1)) if len(a) > 1 else None,
+         "attention_std": float(np.std(b, ddof=1)) if len(b) > 1 else None}
+  if len(seeds) > 1:
+    out["welch"] = stats.welch_difference(a, b)._asdict()
+    out["paired"] = stats.paired_difference(a, b)._asdict()
+  return out
+
+
+def verdict(c: dict, baseline: str, model: str) -> str:
+  """What the comparison says, in words, from its numbers."""
+  n = len(c["seeds"])
+  if n < 2:
+    return (f"Only {n} seed(s) have both networks; no interval can be"
+            " given yet.")
+  w, p = c["welch"], c["paired"]
+  diff = w["mean"]
+  direction = "lower" if diff < 0 else "higher"
+  text = (
+      f"Over {n} seeds, `{model}` reaches {c['attention_mean']:.2f} +-"
+      f" {c['attention_std']:.2f}% test error against"
+      f" {c['baseline_mean']:.2f} +- {c['baseline_std']:.2f}% for"
+      f" `{baseline}`: {abs(diff):.2f} points {direction}, 95% CI"
+      f" [{w['low']:+.2f}, {w['high']:+.2f}] (Welch, p = {w['p']:.3f}); paired"
+      f" by seed (same data order and initialisation stream),"
+      f" [{p['low']:+.2f}, {p['high']:+.2f}] (p = {p['p']:.3f}). ")
+  if w["high"] < 0 or p["high"] < 0:
+    strength = ("both intervals exclude zero" if w["high"] < 0 and
+                p["high"] < 0 else "the paired interval excludes zero, the"
+                " unpaired one does not")
+    text += (f"SE helps here: {strength}, so the improvement is unlikely to"
+             " be seed noise at the 95% level.")
+  elif w["low"] > 0 or p["low"] > 0:
+    text += ("SE hurts here: an interval lies above zero, so the network"
+             " without SE is better beyond seed noise at the 95% level.")
+  else:
+    text += ("Both intervals contain zero: with these seeds the data cannot"
+             " tell whether SE helps here; a difference larger than the"
+             " intervals' half-widths would have shown.")
+  return text
+
+
+def report(args, runs: list[dict]) -> dict:
+  """The study's report: errors, their statistics, learning curves, and
+  the role-of-excitation analysis of every converged SE network."""
+  from experiments import recalibration
+  t0 = time.perf_counter()
+  prov = provenance()
+  os.makedirs(args.results, exist_ok=True)
+  baseline, model = args.models[0], args.models[1]
+  c = compare(runs, baseline, model)
+  _curves(os.path.join(args.results, "curves.png"), runs)
+
+  se_runs = [r for r in runs if r["model"] == model]
+  per_seed, samples = {}, {}
+  for r in se_runs:
+    config = make_config(model, r["seed"], args.data_dir, smoke=args.smoke)
+    print(f"[converged] reading the gates of {model} seed {r['seed']}",
+          file=sys.stderr, flush=True)
+    sample, measures = gate_analysis(
+        config, os.path.join(r["run_dir"], PARAMS_FILE),
+        data_dir=args.data_dir,
+        max_examples=1000 if args.smoke else None)
+    per_seed[r["seed"]], samples[r["seed"]] = measures, sample
+  blocks = list(next(iter(per_seed.values()))) if per_seed else []
+  stability = {}
+  for b in blocks:
+    row = {}
+    for key, _ in _MEASURES:
+      v = [float(per_seed[s][b][key]) for s in per_seed]
+      row[key] = (float(np.mean(v)),
+                  float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
+    row["dead_all_seeds"] = sum(bool(per_seed[s][b]["dead_all"])
+                                for s in per_seed)
+    seeds = sorted(per_seed)
+    sims = [analysis.profile_similarity(per_seed[i][b]["class_means"],
+                                        per_seed[j][b]["class_means"])
+            for k, i in enumerate(seeds) for j in seeds[k + 1:]]
+    row["cross_seed_similarity"] = (float(np.mean(sims)) if sims else None)
+    stability[b] = row
+
+  first = min(samples) if samples else None
+  figures = []
+  if first is not None:
+    sample = samples[first]
+    info = data.DATASETS[make_config(model, first).dataset]
+    names = info.class_names
+    shown = recalibration.selected_blocks(blocks)
+    rng = np.random.default_rng(0)
+    channels = {b: np.sort(rng.choice(sample.gates[b].shape[1],
+                                      min(50, sample.gates[b].shape[1]),
+                                      replace=False)) for b in blocks}
+    _, mean, _ = analysis.class_gate_profiles(sample.gates[shown[-1]],
+                                              sample.labels)
+    d = ((mean[:, None] - mean[None]) ** 2).sum(-1)
+    pair = [int(i) for i in np.unravel_index(np.argmax(d), d.shape)]
+    title = f"converged {model}, seed {first}, on {info.recipe}"
+    recalibration._plot_fig6(
+        sample.gates, sample.labels, sample.overall, shown, names, channels,
+        os.path.join(args.results, "fig6_class_gates.png"), title)
+    recalibration._plot_fig7(
+        sample.gates, sample.labels, shown, pair, names, channels,
+        os.path.join(args.results, "fig7_within_class.png"), title)
+    figures = ["fig6_class_gates.png", "fig7_within_class.png"]
+
+  results = dict(
+      baseline=baseline, model=model,
+      runs=[{k: r[k] for k in ("model", "seed", "top1_err", "top5_err",
+                               "train_seconds")} for r in runs],
+      comparison=c, verdict=verdict(c, baseline, model),
+      gate_measures={s: {b: {k: (v.tolist() if isinstance(v, np.ndarray)
+                                 else v) for k, v in m.items()}
+                         for b, m in per_seed[s].items()}
+                     for s in per_seed},
+      stability=stability, figures=figures,
+      report_seconds=time.perf_counter() - t0)
+  files.write_json(os.path.join(args.results, "report.json"),
+                   {"provenance": prov, **results})
+  md = _to_markdown(results, prov, args)
+  files.write_atomic(os.path.join(args.results, "report.md"), md)
+  print(md)
+  return results
+
+
+def _to_markdown(results: dict, prov: dict, args) -> str:
+  c, model, baseline = results["comparison"], results["model"], \
+      results["baseline"]
+  out = [markdown_header("The converged study: SE on Fashion-MNIST", prov),
+         ""]
+  cfg = make_config(model, 0)
+  out.append(
+      f"`{baseline}` and `{model}`, {cfg.num_epochs:g} epochs of the"
+      f" {cfg.dataset} training set, SGD momentum {cfg.momentum}, weight"
+      f" decay {cfg.weight_decay}, batch {cfg.batch_size}, lr"
+      f" {cfg.learning_rate} with {cfg.schedule} decay (the recipe of"
+      " experiments/configs/fashion_mnist_se_resnet20.py); test error on"
+      " the 10,000 test images. Within a seed both networks see the same"
+      " batches and augmentation. Training times are this machine's.\n")
+  out.append("## Test error\n")
+  out.append("| seed | " + " | ".join(f"`{m}` (%)" for m in (baseline, model))
+             + " | difference | train time (s) |\n|---|---|---|---|---|")
+  by = {(r["model"], r["seed"]): r for r in results["runs"]}
+  for s in sorted({r["seed"] for r in results["runs"]}):
+    a, b = by.get((baseline, s)), by.get((model, s))
+    cell = lambda r: "-" if r is None else f"{r['top1_err']:.2f}"
+    diff = ("-" if a is None or b is None
+            else f"{b['top1_err'] - a['top1_err']:+.2f}")
+    secs = " / ".join("-" if r is None else f"{r['train_seconds']:.0f}"
+                      for r in (a, b))
+    out.append(f"| {s} | {cell(a)} | {cell(b)} | {diff} | {secs} |")
+  if c.get("welch"):
+    out.append(
+        f"| mean +- std | {c['baseline_mean']:.2f} +- {c['baseline_std']:.2f}"
+        f" | {c['attention_mean']:.2f} +- {c['attention_std']:.2f} |"
+        f" {c['welch']['mean']:+.2f} | |")
+  out.append("\n" + results["verdict"] + "\n")
+  out.append("![Learning curves of every run](curves.png)\n")
+  stab = results["stability"]
+  if stab:
+    n = len(results["gate_measures"])
+    out.append(f"## What the gates do, converged ({n} seed(s))\n")
+    out.append(
+        "Sec. 7.2's measures on the test set for every SE block, mean +- std"
+        " over the seeds (see `se_jax.analysis`): class share of gate"
+        " variance, within-class std (input dependence), distance from"
+        " identity, saturation, how much a per-class scale explains, and the"
+        " share of classes for which the block's gates are constant (a dead"
+        " bottleneck). \"Dead everywhere\": seeds whose block gives every"
+        " image the same gates. \"Seed agreement\": how alike the class"
+        " structure of the gates is between seeds"
+        " (`se_jax.analysis.profile_similarity`, 1 = the same).\n")
+    out.append("| block | " + " | ".join(h for _, h in _MEASURES)
+               + " | dead everywhere | seed agreement |\n|---|"
+               + "---|" * (len(_MEASURES) + 2))
+    for b, row in stab.items():
+      cells = [f"{row[k][0]:.3f} +- {row[k][1]:.3f}" for k, _ in _MEASURES]
+      sim = row["cross_seed_similarity"]
+      out.append(f"| {b} | " + " | ".join(cells)
+                 + f" | {row['dead_all_seeds']} of {n} |"
+                 + (f" {sim:.2f} |" if sim is not None else " - |"))
+    for fig, caption in zip(results["figures"], (
+        "Fig. 6 analogue from the converged network: per-class mean gate of"
+        " 50 sampled channels; dashed: all classes.",
+        "Fig. 7 analogue: within-class mean and std of the gates for the two"
+        " classes whose last-block profiles differ most.")):
+      out.append(f"\n![{caption}]({fig})\n\n*{caption}*")
+  t4 = paper.TABLE4_CIFAR10["ResNet-110"]
+  out.append(
+      "\n## The paper's protocol\n\nOn CIFAR-10 with an accelerator, Table"
+      f" 4's ResNet-110 (paper: {t4[0]}% -> {t4[1]}% with SE) is two"
+      " commands: `python -m experiments.train"
+      " --config=experiments/configs/cifar10_resnet110.py --workdir=DIR1` and"
+      " the same with `cifar10_se_resnet110.py`.")
+  return "\n".join(out) + "\n"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   p = argparse.ArgumentParser(
       description=__doc__.splitlines()[0],
@@ -185,20 +455,37 @@ def parse_args(argv=None) -> argparse.Namespace:
                       " end to end")
   p.add_argument("--train-only", action="store_true",
                  help="train and export the runs, write no report")
+  p.add_argument("--report-only", action="store_true",
+                 help="train nothing: write the report from the finished"
+                      " runs in --results")
   args = p.parse_args(argv)
   args.models = [m for m in args.models.split(",") if m]
   return args
 
 
+def finished_runs(args) -> list[dict]:
+  """The runs of the study already in the results directory."""
+  done = []
+  for seed in args.seeds:
+    for model in args.models:
+      config = make_config(model, seed, args.data_dir, smoke=args.smoke)
+      dest = os.path.join(args.results, "runs", run_name(model, seed))
+      result = committed_result(config, dest)
+      if result is not None:
+        done.append({"model": model, "seed": seed, "run_dir": dest,
+                     **result})
+  return done
+
+
 def main(argv=None):
   args = parse_args(argv)
   t0 = time.perf_counter()
-  runs = train(args)
-  print(json.dumps([{k: r[k] for k in ("model", "seed", "top1_err")}
-                    for r in runs]), file=sys.stderr)
+  runs = finished_runs(args) if args.report_only else train(args)
   print(f"[converged] {len(runs)} runs in {time.perf_counter() - t0:.0f} s",
         file=sys.stderr)
-  return runs
+  if args.train_only:
+    return runs
+  return report(args, runs)
 
 
 if __name__ == "__main__":

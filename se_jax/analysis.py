@@ -16,7 +16,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["GateStats", "class_gate_profiles", "gate_statistics"]
+__all__ = ["DeadGates", "GateStats", "class_gate_profiles", "dead_gates",
+           "gate_statistics", "profile_correlation", "profile_similarity"]
 
 
 def _check(gates, labels):
@@ -135,3 +136,104 @@ def gate_statistics(gates, labels) -> GateStats:
       scale_r2=scale_r2,
       mean_gate=float(gates.mean()),
   )
+
+
+class DeadGates(NamedTuple):
+  """Where a block's gates do not depend on the input.
+
+  An SE block whose hidden ReLU units are all zero for an input gives that
+  input the constant gates ``gate(b2)``: its bottleneck is dead there.
+
+  Attributes:
+    all_inputs: the gates are the same for every image.
+    class_share: share of the classes within which the gates are the same
+      for every image of the class.
+    classes: those classes.
+  """
+
+  all_inputs: bool
+  class_share: float
+  classes: tuple[int, ...]
+
+
+def dead_gates(gates, labels, *, tol: float = 1e-3) -> DeadGates:
+  """Whether a block's gates are constant, over all images or per class.
+
+  Args:
+    gates: (N, C) gates.
+    labels: (N,) integer classes.
+    tol: largest standard deviation (over the images, in every channel)
+      that counts as constant.
+
+  Returns:
+    A `DeadGates`.
+
+  >>> labels = np.repeat(np.arange(3), 4)
+  >>> g = np.where(labels[:, None] == 2, 0.5, np.linspace(0, 1, 12)[:, None])
+  >>> d = dead_gates(np.repeat(g, 5, axis=1), labels)
+  >>> d.all_inputs, round(d.class_share, 3), d.classes
+  (False, 0.333, (2,))
+  """
+  gates, labels = _check(gates, labels)
+  classes, _, std = class_gate_profiles(gates, labels)
+  constant = std.max(axis=1) < tol
+  return DeadGates(
+      all_inputs=bool(gates.std(0).max() < tol),
+      class_share=float(constant.mean()),
+      classes=tuple(int(k) for k in classes[constant]))
+
+
+def profile_correlation(mean_a, mean_b) -> float:
+  """Pearson correlation of two networks' (K, C) class-mean gate profiles
+  of one block, channel by channel.
+
+  Meaningful where the channels correspond, as for two points of one
+  training run (the same initialisation and data order); 1 for profiles
+  equal up to an affine map.
+
+  >>> a = np.array([[0.1, 0.5, 0.9], [0.2, 0.4, 0.8]])
+  >>> round(profile_correlation(a, 2 * a + 0.1), 6)
+  1.0
+  """
+  a = np.asarray(mean_a, np.float64).ravel()
+  b = np.asarray(mean_b, np.float64).ravel()
+  if a.shape != b.shape:
+    raise ValueError(
+        f"profiles must have one shape, got {np.shape(mean_a)} and"
+        f" {np.shape(mean_b)}.")
+  a, b = a - a.mean(), b - b.mean()
+  denom = np.sqrt((a @ a) * (b @ b))
+  return float(a @ b / denom) if denom > 0 else 0.0
+
+
+def _class_similarity(mean):
+  """(K, K) correlations between the classes' profiles over the channels."""
+  m = np.asarray(mean, np.float64)
+  m = m - m.mean(axis=1, keepdims=True)
+  norms = np.sqrt((m * m).sum(axis=1))
+  norms[norms == 0] = 1.0
+  m = m / norms[:, None]
+  return m @ m.T
+
+
+def profile_similarity(mean_a, mean_b) -> float:
+  """How alike two networks' class structure in one block's gates is,
+  whatever their channels: the correlation of their (K, K) matrices of
+  between-class profile correlations (off-diagonal entries).
+
+  Unlike `profile_correlation` it needs no correspondence between the
+  channels, so it compares networks of different seeds; 1 when the classes
+  resemble each other in the same way in both.
+
+  >>> rng = np.random.default_rng(0)
+  >>> a = rng.uniform(size=(4, 16))
+  >>> round(profile_similarity(a, a[:, rng.permutation(16)]), 6)
+  1.0
+  """
+  sa, sb = _class_similarity(mean_a), _class_similarity(mean_b)
+  if sa.shape != sb.shape:
+    raise ValueError(
+        f"profiles must have as many classes, got {np.shape(mean_a)} and"
+        f" {np.shape(mean_b)}.")
+  upper = np.triu_indices(sa.shape[0], k=1)
+  return profile_correlation(sa[upper], sb[upper])

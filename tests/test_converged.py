@@ -1,22 +1,30 @@
-"""The converged study's runs: exported, reused, and their parameters."""
+"""The converged study: runs exported and reused, parameters, the report."""
 
+import json
 import os
 
-import numpy as np
 import jax
+import numpy as np
 import pytest
 from flax import nnx
 
 from experiments import converged, trainer
 
 
-def test_runs_are_exported_and_not_trained_again(tmp_path, monkeypatch):
-  argv = ["--seeds", "0", "--smoke", "--no-progress", "--train-only",
-          "--workdir", str(tmp_path / "wd"), "--results",
-          str(tmp_path / "results")]
-  runs = converged.main(argv)
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("converged")
+  argv = ["--seeds", "0,1", "--smoke", "--no-progress", "--workdir",
+          str(tmp / "wd"), "--results", str(tmp / "results")]
+  runs = converged.main(argv + ["--train-only"])
+  return tmp, argv, runs
+
+
+def test_runs_are_exported_and_not_trained_again(study, monkeypatch):
+  tmp, argv, runs = study
   assert [(r["model"], r["seed"]) for r in runs] == [
-      ("cifar_resnet20", 0), ("cifar_se_resnet20", 0)]
+      ("cifar_resnet20", 0), ("cifar_se_resnet20", 0),
+      ("cifar_resnet20", 1), ("cifar_se_resnet20", 1)]
   for r in runs:
     files = set(os.listdir(r["run_dir"]))
     assert set(converged.RUN_FILES) <= files
@@ -26,7 +34,7 @@ def test_runs_are_exported_and_not_trained_again(tmp_path, monkeypatch):
   # The exported parameters are the final checkpoint's.
   config = converged.make_config("cifar_se_resnet20", 0, smoke=True)
   restored, _ = trainer.restore_model(
-      config, str(tmp_path / "wd" / "cifar_se_resnet20_seed0"))
+      config, str(tmp / "wd" / "cifar_se_resnet20_seed0"))
   fresh = trainer.build_model(config, rngs=nnx.Rngs(1))
   loaded = converged.load_params(fresh, os.path.join(
       runs[1]["run_dir"], converged.PARAMS_FILE))
@@ -39,9 +47,36 @@ def test_runs_are_exported_and_not_trained_again(tmp_path, monkeypatch):
     raise AssertionError("a finished run was trained again")
 
   monkeypatch.setattr(trainer, "train_and_evaluate", refuse)
-  again = converged.main(argv[:-4] + ["--workdir", str(tmp_path / "new"),
-                                      "--results", str(tmp_path / "results")])
+  new = argv[:argv.index("--workdir")] + ["--workdir", str(tmp / "new"),
+                                           "--results", str(tmp / "results")]
+  again = converged.main(new + ["--train-only"])
   assert [r["top1_err"] for r in again] == [r["top1_err"] for r in runs]
+
+
+def test_report_from_the_finished_runs(study):
+  tmp, argv, runs = study
+  out = converged.main(argv + ["--report-only"])
+  results = tmp / "results"
+  c = out["comparison"]
+  assert c["seeds"] == [0, 1] and "welch" in c and "paired" in c
+  errs = {(r["model"], r["seed"]): r["top1_err"] for r in runs}
+  assert c["welch"]["mean"] == pytest.approx(
+      np.mean([errs[("cifar_se_resnet20", s)] for s in (0, 1)])
+      - np.mean([errs[("cifar_resnet20", s)] for s in (0, 1)]))
+  assert set(out["gate_measures"]) == {0, 1}
+  blocks = out["gate_measures"][0]
+  assert list(blocks) == ["SE_2_1", "SE_3_1", "SE_4_1"]
+  for b, row in out["stability"].items():
+    assert 0 <= row["class_share"][0] <= 1
+    assert row["cross_seed_similarity"] is not None
+  md = (results / "report.md").read_text()
+  assert "## Test error" in md and "95% CI" in md and out["verdict"] in md
+  assert "## What the gates do, converged (2 seed(s))" in md
+  for f in ("curves.png", "fig6_class_gates.png", "fig7_within_class.png",
+            "report.json"):
+    assert (results / f).stat().st_size > 0
+  saved = json.loads((results / "report.json").read_text())
+  assert saved["provenance"]["command"].startswith("python -m")
 
 
 def test_parameters_that_do_not_fit_are_refused(tmp_path):
