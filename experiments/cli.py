@@ -47,7 +47,8 @@ class ConfigError(ValueError):
 
   def __init__(self, key: str, value: Any, allowed: str):
     self.key, self.value, self.allowed = key, value, allowed
-    super().__init__(f"{key}={value!r} is not allowed: {allowed}.")
+    super().__init__(
+        f"{key}={value!r} is not allowed: {allowed.rstrip('.')}.")
 
 
 # Errors that say what the user should change, by qualified class name, so
@@ -116,7 +117,8 @@ def main_guard(main: Callable[[list[str]], Any],
   """Wraps ``main(argv)`` so that a user error is one line and status 2.
 
   The wrapped function takes ``argv`` (default ``sys.argv[1:]``), removes
-  ``--debug`` from it and calls ``main(argv)``, returning what it returns.
+  ``--debug`` from it (setting ``SE_JAX_DEBUG=1``, which processes started
+  from here inherit) and calls ``main(argv)``, returning what it returns.
   argparse errors, `ConfigError` and the other errors that name a bad input
   (``ValueError``, missing files, a missing dataset, a workdir in use) print
   ``PROG: error: MESSAGE`` and exit with status 2; a training run that stops
@@ -140,9 +142,11 @@ def main_guard(main: Callable[[list[str]], Any],
   @functools.wraps(main)
   def guarded(argv: Sequence[str] | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in (
-        "", "0")
-    argv = [a for a in argv if a != "--debug"]
+    if "--debug" in argv:
+      # Through the environment, the processes this one starts debug too.
+      os.environ[DEBUG_ENV] = "1"
+      argv = [a for a in argv if a != "--debug"]
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
       with _argparse_raises():
         return main(argv)
@@ -321,7 +325,7 @@ def _validate_model(config) -> None:
     named = [k for k in options if message.startswith(k)]
     if named:
       key, value = f"model_options.{named[0]}", options[named[0]]
-      rule = f"{message} (model {config.model!r})"
+      rule = f"{message.rstrip('.')} (model {config.model!r})"
     elif options and not message.startswith("unknown model"):
       key, value = "model_options", options
       rule = (f"model {config.model!r} cannot be built with them:"

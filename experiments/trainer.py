@@ -232,6 +232,10 @@ def _check_workdir(workdir: str) -> None:
     ) from e
 
 
+# Metrics, TensorBoard events and the small files of a run.
+_LOG_RESERVE_BYTES = 4 * 2 ** 20
+
+
 def _check_free_space(workdir: str, checkpoint_bytes: int, keep: int,
                       existing: int) -> None:
   """Fails if the checkpoints to come cannot fit in `workdir`."""
@@ -247,10 +251,6 @@ def _check_free_space(workdir: str, checkpoint_bytes: int, keep: int,
         f" {checkpoint_bytes / mib:.1f} MiB, keep_checkpoints={keep}); free"
         " some space or give another --workdir."
     )
-
-
-# Metrics, TensorBoard events and the small files of a run.
-_LOG_RESERVE_BYTES = 4 * 2 ** 20
 
 
 @contextlib.contextmanager
@@ -653,6 +653,52 @@ def _set_aside(ckpt_dir: str, steps: list[int], dest: str,
 # ------------------------------------------------------------ the loop
 
 
+def _initial_state(config, tx, sharding: NamedSharding):
+  """The model's graphs (train, eval) and its state at step 0, replicated.
+
+  With several processes, process 0 initialises the model (exactly as a
+  single process does) and sends the state to the others: run op by op,
+  the initialisation compiles a few hundred small programs, and on CPUs
+  the compilation cache serves them only to process 0.
+  """
+  lead = jax.process_index() == 0
+  if lead:
+    model = build_model(config, rngs=nnx.Rngs(config.seed))
+  else:
+    model = nnx.eval_shape(lambda: build_model(config,
+                                               rngs=nnx.Rngs(config.seed)))
+  graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  eval_graphdef = nnx.split(nnx.view(model, use_running_average=True),
+                            nnx.Param, nnx.BatchStat)[0]
+  if jax.process_count() == 1:
+    state = init_state(params, batch_stats, tx, config.seed)
+    return graphdef, eval_graphdef, jax.device_put(state, sharding)
+  if lead:
+    state = jax.tree.map(np.asarray, init_state(params, batch_stats, tx,
+                                                config.seed))
+  else:
+    state = jax.tree.map(
+        lambda x: np.zeros(x.shape, x.dtype),
+        jax.eval_shape(lambda p, s: init_state(p, s, tx, config.seed),
+                       params, batch_stats))
+  return graphdef, eval_graphdef, jax.tree.map(
+      lambda x: jax.make_array_from_process_local_data(sharding, x),
+      _broadcast_exactly(state))
+
+
+def _broadcast_exactly(tree):
+  """Process 0's `tree` of numpy arrays, on every process, bit for bit."""
+  from jax.experimental import multihost_utils as mh
+
+  # Broadcast sums the processes' inputs, zeros but for process 0's; as
+  # bytes, a -0.0 stays a -0.0.
+  as_bytes = jax.tree.map(lambda x: np.ascontiguousarray(x).reshape(-1).view(
+      np.uint8), tree)
+  return jax.tree.map(
+      lambda b, x: np.asarray(b).view(x.dtype).reshape(x.shape),
+      mh.broadcast_one_to_all(as_bytes), tree)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains `config`'s model, evaluating every epoch; resumes if it can.
@@ -680,17 +726,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   """
   cli.validate_config(config)
   initialize_distributed(config)
+  plan = _plan(config)
   _check_workdir(workdir)
   with _run_lock(workdir):
-    return _run(config, workdir)
+    return _run(config, workdir, plan)
 
 
-def _run(config, workdir):
-  lead = jax.process_index() == 0
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """What a run reads and how long it is, checked before it writes."""
+
+  info: data.DatasetInfo
+  train_src: Any
+  eval_src: Any
+  steps_per_epoch: int
+  total_steps: int
+  eval_every: int
+
+
+def _plan(config) -> _Plan:
   info = data.DATASETS[config.dataset]
   if config.image_size is not None:
     info = dataclasses.replace(info, image_size=config.image_size)
-
   train_src = data.get_source(config.dataset, info.train_split,
                               data_dir=config.data_dir)
   eval_src = data.get_source(config.dataset, info.eval_split,
@@ -698,49 +755,51 @@ def _run(config, workdir):
   n_train = data.num_examples(train_src, config.max_train_examples)
   steps_per_epoch = n_train // config.batch_size
   if steps_per_epoch < 1:
-    raise ValueError(
-        f"batch_size {config.batch_size} exceeds the {n_train} training"
-        " examples."
-    )
+    raise cli.ConfigError(
+        "batch_size", config.batch_size,
+        f"at most the {n_train} training examples")
+  for key in ("batch_size", "eval_batch_size"):
+    if config[key] % jax.device_count():
+      raise cli.ConfigError(
+          key, config[key], f"a multiple of the {jax.device_count()} devices"
+          + (f" of the {jax.process_count()} processes"
+             if jax.process_count() > 1 else ""))
   total_steps = (config.num_train_steps if config.num_train_steps > 0
                  else int(math.ceil(config.num_epochs * steps_per_epoch)))
   eval_every = max(1, int(round(config.eval_every_epochs * steps_per_epoch)))
+  return _Plan(info, train_src, eval_src, steps_per_epoch, total_steps,
+               eval_every)
 
+
+def _run(config, workdir, plan: _Plan):
+  lead = jax.process_index() == 0
+  info, train_src, eval_src = plan.info, plan.train_src, plan.eval_src
+  steps_per_epoch, total_steps = plan.steps_per_epoch, plan.total_steps
+  eval_every = plan.eval_every
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
-  for key in ("batch_size", "eval_batch_size"):
-    if config[key] % jax.device_count():
-      raise ValueError(
-          f"{key} {config[key]} must be divisible by the"
-          f" {jax.device_count()} devices"
-          + (f" of the {jax.process_count()} processes."
-             if jax.process_count() > 1 else ".")
-      )
 
-  model = build_model(config, rngs=nnx.Rngs(config.seed))
-  graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-  eval_graphdef = nnx.split(nnx.view(model, use_running_average=True),
-                            nnx.Param, nnx.BatchStat)[0]
   schedule = make_schedule(config, steps_per_epoch, total_steps)
   tx = make_optimizer(config, schedule)
-  state = jax.device_put(init_state(params, batch_stats, tx, config.seed),
-                         replicated)
+  graphdef, eval_graphdef, state = _initial_state(config, tx, replicated)
   abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
       _to_checkpoint(state))
 
   ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  _check_free_space(
+      workdir, sum(x.size * x.dtype.itemsize
+                   for x in jax.tree.leaves(abstract)),
+      config.keep_checkpoints,
+      sum(d.isdigit() for d in (os.listdir(ckpt_dir)
+                                if os.path.isdir(ckpt_dir) else ())))
   # Saves go through a temporary directory renamed when complete; one left
   # by a process killed while saving is removed, never restored.
   manager = ocp.CheckpointManager(
       ckpt_dir, options=ocp.CheckpointManagerOptions(
           max_to_keep=config.keep_checkpoints, create=True,
           cleanup_tmp_directories=True))
-  _check_free_space(
-      workdir, sum(x.size * x.dtype.itemsize
-                   for x in jax.tree.leaves(abstract)),
-      config.keep_checkpoints, len(manager.all_steps()))
   restored = _restore_newest(manager, abstract, workdir, lead)
   if restored is not None:
     state = _from_checkpoint(state, restored)
