@@ -63,6 +63,7 @@ def _env(devices=None, **extra):
                               "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE"))}
   env["XLA_FLAGS"] = XLA_FLAGS + (
       f" --xla_force_host_platform_device_count={devices}" if devices else "")
+  env[cli.DEBUG_ENV] = ""
   env.update(extra)
   return env
 

@@ -4,6 +4,7 @@ import glob
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -240,12 +241,6 @@ def test_four_devices_give_the_losses_of_one(tmp_path):
   np.testing.assert_allclose(losses[4], losses[1], rtol=1e-4)
 
 
-@needs_fmnist
-def test_unknown_config_key_on_the_command_line(tmp_path):
-  r = _run(_tiny_args(str(tmp_path), extra=["--config.learning_rat=0.1"]))
-  assert r.returncode != 0 and "learning_rat" in r.stderr
-
-
 def _tiny_config(**overrides):
   c = _load("fashion_mnist_se_resnet20").get_config("smoke")
   with c.unlocked():
@@ -316,6 +311,145 @@ def test_a_finished_run_is_reused_whatever_its_execution_settings(tmp_path):
   with open(path, "w") as f:
     json.dump(saved, f)
   assert trainer.finished_result(_tiny_config(num_train_steps=2), wd) == first
+
+
+# ------------------------------------------------------------ faults
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+  """A run of 12 steps with checkpoints at 4, 8 and 12, and its parameters."""
+  if not os.path.isdir(data.FASHION_MNIST_DIR):
+    pytest.skip("Debian's dataset-fashion-mnist is not installed")
+  wd = str(tmp_path_factory.mktemp("finished"))
+  trainer.train_and_evaluate(_finished_config(), wd)
+  return wd, _final_params(wd)[1]
+
+
+def _finished_config(**kw):
+  return _tiny_config(num_train_steps=12, checkpoint_every_steps=4, **kw)
+
+
+def _copy_of(run, tmp_path):
+  wd = str(tmp_path / "run")
+  shutil.copytree(run, wd)
+  return wd
+
+
+def _step_files(wd, step):
+  top = os.path.join(wd, "checkpoints", str(step))
+  return sorted((os.path.join(d, f) for d, _, fs in os.walk(top) for f in fs),
+                key=os.path.getsize, reverse=True)
+
+
+def _overwrite_three(files):
+  rng = np.random.default_rng(0)
+  for path in files[:3]:
+    with open(path, "r+b") as f:
+      f.write(rng.bytes(os.path.getsize(path)))
+
+
+def _flip_a_byte(files):
+  # In the largest array file: TensorStore reads it without complaint, so
+  # only the digest saved with the checkpoint can tell.
+  with open(files[0], "r+b") as f:
+    f.seek(os.path.getsize(files[0]) // 2)
+    byte = f.read(1)[0]
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte ^ 0xFF]))
+
+
+def _truncate(files):
+  for path in files:
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+
+
+def _delete_metadata(files):
+  for path in files:
+    if os.path.basename(path) in ("_METADATA", "manifest.ocdbt"):
+      os.remove(path)
+
+
+@pytest.mark.parametrize("damage_12,damage_8", [
+    (_overwrite_three, _flip_a_byte), (_truncate, _delete_metadata)],
+    ids=["overwritten-flipped", "truncated-deleted"])
+def test_damaged_checkpoints_are_set_aside_and_an_older_one_resumes(
+    finished_run, damage_12, damage_8, tmp_path, capsys):
+  run, params = finished_run
+  wd = _copy_of(run, tmp_path)
+  damage_12(_step_files(wd, 12))
+  damage_8(_step_files(wd, 8))
+  trainer.train_and_evaluate(_finished_config(), wd)
+  err = capsys.readouterr().err
+  ckpt, aside = os.path.join(wd, "checkpoints"), os.path.join(
+      wd, "corrupt_checkpoints")
+  assert f"the checkpoint of step 12 in {ckpt} cannot be restored" in err
+  assert f"the checkpoint of step 8 in {ckpt} cannot be restored" in err
+  assert (f"moved the checkpoints of step(s) 8, 12 to {aside}; resuming from"
+          " step 4." in err)
+  assert "Resuming from the checkpoint at step 4 of 12." in err
+  assert sorted(os.listdir(aside)) == ["12", "8"]
+  # Steps 5 to 12 again, exactly as the first time.
+  step, again = _final_params(wd)
+  assert step == 12
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(a, b)
+  steps = [r["step"] for r in _jsonl(os.path.join(wd, "metrics.jsonl"))]
+  assert steps == list(range(1, 13))
+
+
+def test_no_restorable_checkpoint_is_an_error_not_a_fresh_start(
+    finished_run, tmp_path):
+  run, _ = finished_run
+  wd = _copy_of(run, tmp_path)
+  # Another network in the same workdir: no checkpoint fits it.
+  with pytest.raises(trainer.CheckpointError,
+                     match=r"none of the checkpoints in .* \(steps 12, 8, 4\)"
+                           r" can be restored; step 12: .* another config"):
+    trainer.train_and_evaluate(_finished_config(
+        model_options=dict(widths=(8, 16, 16))), wd)
+  for step in (4, 8, 12):
+    _delete_metadata(_step_files(wd, step))
+  with pytest.raises(trainer.CheckpointError, match=r"none of the checkpoints"):
+    trainer.train_and_evaluate(_finished_config(), wd)
+  # Nothing was moved or overwritten.
+  assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == [
+      "12", "4", "8"]
+  assert not os.path.exists(os.path.join(wd, "corrupt_checkpoints"))
+  assert len(_jsonl(os.path.join(wd, "metrics.jsonl"))) == 12
+
+
+def test_a_save_cut_off_is_never_restored(finished_run, tmp_path, capsys):
+  run, params = finished_run
+  wd = _copy_of(run, tmp_path)
+  # What a process killed while saving step 12 leaves: Orbax writes into a
+  # temporary directory and renames it when the save is complete.
+  ckpt = os.path.join(wd, "checkpoints")
+  os.rename(os.path.join(ckpt, "12"),
+            os.path.join(ckpt, "12.orbax-checkpoint-tmp"))
+  _truncate(_step_files(wd, "12.orbax-checkpoint-tmp")[:1])
+  trainer.train_and_evaluate(_finished_config(), wd)
+  assert "Resuming from the checkpoint at step 8 of 12." in (
+      capsys.readouterr().err)
+  assert sorted(os.listdir(ckpt)) == ["12", "4", "8"]
+  _, again = _final_params(wd)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(a, b)
+
+
+@needs_fmnist
+def test_a_full_workdir_fails_at_start(tmp_path, monkeypatch):
+  wd = str(tmp_path / "run")
+  usage = shutil.disk_usage(str(tmp_path))
+  monkeypatch.setattr(trainer.shutil, "disk_usage", lambda path: usage._replace(
+      free=2 ** 20))
+  with pytest.raises(trainer.WorkdirError,
+                     match=r"has 1.0 MiB free, and the run needs about .* MiB"
+                           r" \(4 more checkpoint\(s\) of .* MiB,"
+                           r" keep_checkpoints=3\); free some space"):
+    trainer.train_and_evaluate(_tiny_config(), wd)
+  assert os.listdir(wd) == [".lock"]
 
 
 def test_input_threads_default_to_the_training_thread_on_cpus():
