@@ -111,17 +111,27 @@ def launch(args: list[str], *, num_processes: int,
     0 if every process succeeded, else the first failure's exit status.
   """
   coordinator = f"{host}:{port or free_port(host)}"
-  command = [sys.executable, "-m", module, *args]
-  procs, logs = [], []
-  if threading.current_thread() is threading.main_thread():
+  envs = [process_env(i, num_processes, coordinator, cpu_devices=cpu_devices,
+                      devices_per_process=devices_per_process)
+          for i in range(num_processes)]
+  main_thread = threading.current_thread() is threading.main_thread()
+  if main_thread:
     # A scheduler's SIGTERM ends the processes too, not only this one.
-    signal.signal(signal.SIGTERM, _terminated)
+    previous = signal.signal(signal.SIGTERM, _terminated)
+  try:
+    return _supervise([sys.executable, "-m", module, *args], envs, grace)
+  finally:
+    if main_thread:
+      signal.signal(signal.SIGTERM, previous)
+
+
+def _supervise(command: list[str], envs: list[dict[str, str]],
+               grace: float) -> int:
+  """Runs `command` once per environment; see `launch`."""
+  procs, logs = [], []
   with tempfile.TemporaryDirectory(prefix="se_jax-launch-") as tmp:
     try:
-      for i in range(num_processes):
-        env = process_env(i, num_processes, coordinator,
-                          cpu_devices=cpu_devices,
-                          devices_per_process=devices_per_process)
+      for i, env in enumerate(envs):
         if i == 0:
           procs.append(subprocess.Popen(command, env=env))
           continue
@@ -132,10 +142,8 @@ def launch(args: list[str], *, num_processes: int,
                                         stdin=subprocess.DEVNULL))
       first = None
       while first is None and any(p.poll() is None for p in procs):
-        for i, p in enumerate(procs):
-          if p.poll() not in (None, 0):
-            first = i
-            break
+        first = next((i for i, p in enumerate(procs)
+                      if p.poll() not in (None, 0)), None)
         time.sleep(0.05)
       if first is not None:
         _stop(procs, grace)
@@ -148,7 +156,7 @@ def launch(args: list[str], *, num_processes: int,
     for i, code in enumerate(codes[1:], 1):
       # The processes of a run mostly fail alike: process 0 has said it.
       if code and (codes[0] == 0 or code != codes[0]):
-        print(f"process {i} of {num_processes} exited with status {code};"
+        print(f"process {i} of {len(procs)} exited with status {code};"
               " its last lines:", file=sys.stderr)
         for line in _tail(logs[i - 1]):
           print(f"  [{i}] {line.rstrip()}", file=sys.stderr)

@@ -712,10 +712,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     and the run's ``train_seconds`` (this invocation's time in the loop).
 
   Raises:
-    cli.ConfigError: for a setting that is not allowed, before anything is
+    cli.ConfigError: for a setting that is not allowed (a batch size that
+      does not fit the data or the devices included), before anything is
       written.
-    ValueError: for a batch size that does not fit the data or devices,
-      before anything is written.
     WorkdirError: if `workdir` is read-only or too full for the checkpoints.
     WorkdirLockedError: if another run holds `workdir`.
     CheckpointError: if checkpoints exist and none of them restores (a
@@ -745,6 +744,7 @@ class _Plan:
 
 
 def _plan(config) -> _Plan:
+  """Finds the data and checks the batch sizes against it and the devices."""
   info = data.DATASETS[config.dataset]
   if config.image_size is not None:
     info = dataclasses.replace(info, image_size=config.image_size)

@@ -282,12 +282,12 @@ def test_clusters_are_joined_when_jax_detects_several_processes(no_cluster):
   no_cluster.setenv("SLURM_NTASKS", "1")
   assert trainer.distributed_settings(_config()) is None
   # "on" joins even a cluster of one process.
-  assert trainer.distributed_settings(_config(distributed="on")) == dict.fromkeys(
-      trainer.DISTRIBUTED_ENV)
+  left_to_jax = dict.fromkeys(trainer.DISTRIBUTED_ENV)
+  assert trainer.distributed_settings(_config(distributed="on")) == left_to_jax
   no_cluster.setenv("SLURM_NTASKS", "4")
   # JAX reads the rest from Slurm's variables; a setting given still wins.
   assert trainer.distributed_settings(_config(), {"JAX_PROCESS_ID": "1"}) == {
-      **dict.fromkeys(trainer.DISTRIBUTED_ENV), "process_id": 1}
+      **left_to_jax, "process_id": 1}
 
 
 def test_one_lock_per_file_system():
