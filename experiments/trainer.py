@@ -43,12 +43,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from experiments import cli, data, files
+from experiments.steps import _cross_entropy, _top_k_correct
+from experiments.steps import init_state, make_optimizer, make_schedule
+from experiments.steps import make_train_step
 from experiments.provenance import provenance
 from se_jax.models import create
 
@@ -91,124 +93,6 @@ def build_model(config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     )
   return create(config.model, num_classes=info.num_classes,
                 in_channels=info.channels, dtype=dtype, rngs=rngs, **options)
-
-
-def make_schedule(config, steps_per_epoch: int, total_steps: int):
-  """The learning-rate schedule of `config`, as a function of the step."""
-  base = config.learning_rate
-  warmup = int(round(config.warmup_epochs * steps_per_epoch))
-  if config.schedule == "step":
-    bounds = [int(round(f * total_steps)) for f in config.decay_fractions]
-  elif config.schedule == "step_every":
-    every = int(round(config.decay_every_epochs * steps_per_epoch))
-    if every < 1:
-      raise ValueError(
-          f"decay_every_epochs={config.decay_every_epochs} is under one step."
-      )
-    bounds = list(range(every, total_steps, every))
-  elif config.schedule in ("cosine", "constant"):
-    bounds = []
-  else:
-    raise ValueError(
-        "schedule must be 'step', 'step_every', 'cosine' or 'constant', got"
-        f" {config.schedule!r}."
-    )
-  if config.schedule == "cosine":
-    main = optax.cosine_decay_schedule(base, max(1, total_steps - warmup))
-  else:
-    main = optax.piecewise_constant_schedule(
-        base, {b - warmup: config.decay_factor for b in bounds if b > warmup})
-  if warmup <= 0:
-    return main
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, base, warmup), main], [warmup])
-
-
-def _decay_mask(params):
-  # L2 on convolution and fully connected weights only; not on biases and
-  # BatchNorm scales and offsets.
-  return jax.tree.map(lambda p: p.ndim > 1, params)
-
-
-def make_optimizer(config, schedule) -> optax.GradientTransformation:
-  """SGD with momentum (optionally Nesterov) and masked L2 weight decay."""
-  return optax.chain(
-      optax.add_decayed_weights(config.weight_decay, mask=_decay_mask),
-      optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov),
-  )
-
-
-def _cross_entropy(logits, labels, num_classes, smoothing):
-  targets = jax.nn.one_hot(labels, num_classes)
-  if smoothing:
-    targets = optax.smooth_labels(targets, smoothing)
-  return optax.softmax_cross_entropy(logits, targets)
-
-
-def _top_k_correct(logits, labels, k):
-  k = min(k, logits.shape[-1])
-  top = jax.lax.top_k(logits, k)[1]
-  return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
-
-
-def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *,
-                    num_classes: int, label_smoothing: float = 0.0):
-  """The training step of every run, a pure function to jit.
-
-  Args:
-    graphdef: the model's graph, from ``nnx.split(model, nnx.Param,
-      nnx.BatchStat)``.
-    tx: the optimizer, e.g. `make_optimizer`.
-    schedule: the learning rate as a function of the step (logged).
-    num_classes: classifier outputs.
-    label_smoothing: of the cross-entropy targets.
-
-  Returns:
-    ``train_step(state, batch) -> (state, metrics)``: one SGD step on a
-    ``{"image", "label"}`` batch in training mode (batch statistics), with
-    `state` a dict of ``step``, ``rng``, ``params``, ``batch_stats`` and
-    ``opt_state``, and metrics ``loss``, ``top1_err`` (%), ``lr`` and
-    ``params_finite`` (1.0 while every parameter is finite).
-  """
-
-  def train_step(state, batch):
-    def loss_fn(params):
-      m = nnx.merge(graphdef, params, state["batch_stats"], copy=True)
-      logits = m(batch["image"])
-      loss = _cross_entropy(logits, batch["label"], num_classes,
-                            label_smoothing).mean()
-      return loss, (nnx.state(m, nnx.BatchStat), logits)
-
-    (loss, (stats, logits)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    new = {
-        "step": state["step"] + 1,
-        "rng": state["rng"],
-        "params": optax.apply_updates(state["params"], updates),
-        "batch_stats": stats,
-        "opt_state": opt_state,
-    }
-    top1 = 1.0 - _top_k_correct(logits, batch["label"], 1).mean()
-    params_finite = jnp.all(jnp.stack([
-        jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new["params"])]))
-    return new, {"loss": loss, "top1_err": 100.0 * top1,
-                 "lr": schedule(state["step"]),
-                 "params_finite": params_finite.astype(jnp.float32)}
-
-  return train_step
-
-
-def init_state(params, batch_stats, tx: optax.GradientTransformation,
-               seed: int) -> dict:
-  """The training state `make_train_step`'s step takes, at step 0."""
-  return {
-      "step": jnp.zeros((), jnp.int32),
-      "rng": jax.random.key_data(jax.random.key(seed)),
-      "params": params,
-      "batch_stats": batch_stats,
-      "opt_state": tx.init(params),
-  }
 
 
 # ------------------------------------------------------------ workdir
@@ -560,8 +444,47 @@ def _save(manager: ocp.CheckpointManager, step: int, state: dict) -> None:
                custom_metadata={_DIGEST_KEY: _digest(tree)})
 
 
+def _key_name(key) -> str:
+  for attr in ("key", "idx", "name"):
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def _layout(tree) -> dict:
+  """{'a/b/0': shape}: list indices and the dict keys that a checkpoint's
+  metadata gives them compare equal."""
+  return {"/".join(map(_key_name, path)): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _check_layout(manager: ocp.CheckpointManager, step: int,
+                  abstract: dict) -> None:
+  """Raises if the checkpoint of `step` holds other arrays than `abstract`.
+
+  Checked on the metadata, before any array is read: a restore that fails
+  half-way leaves TensorStore reads pending.
+  """
+  have, want = _layout(manager.item_metadata(step)), _layout(abstract)
+  if have == want:
+    return
+  missing = sorted(set(want) - set(have))
+  extra = sorted(set(have) - set(want))
+  shapes = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+  what = []
+  if missing:
+    what.append(f"{len(missing)} array(s) missing (e.g. {missing[0]})")
+  if extra:
+    what.append(f"{len(extra)} unexpected (e.g. {extra[0]})")
+  what += ([f"{len(shapes)} of another shape (e.g. {shapes[0]}:"
+            f" {have[shapes[0]]} where the model has {want[shapes[0]]})"]
+           if shapes else [])
+  raise ValueError("it holds another model's arrays: " + ", ".join(what))
+
+
 def _restore(manager: ocp.CheckpointManager, step: int, abstract: dict):
   """The checkpoint of `step`, checked; raises if it is damaged."""
+  _check_layout(manager, step, abstract)
   restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
   # Checkpoints from before digests were written have none to compare.
   want = (manager.metadata(step).custom_metadata or {}).get(_DIGEST_KEY)
@@ -797,7 +720,8 @@ def _run(config, workdir, plan: _Plan):
   # Saves go through a temporary directory renamed when complete; one left
   # by a process killed while saving is removed, never restored.
   manager = ocp.CheckpointManager(
-      ckpt_dir, options=ocp.CheckpointManagerOptions(
+      ckpt_dir, item_handlers=ocp.StandardCheckpointHandler(),
+      options=ocp.CheckpointManagerOptions(
           max_to_keep=config.keep_checkpoints, create=True,
           cleanup_tmp_directories=True))
   restored = _restore_newest(manager, abstract, workdir, lead)

@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from experiments import data, trainer
+from experiments import data, steps, trainer
 from experiments.configs import common
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,12 +154,12 @@ def test_weight_decay_only_on_weights():
   model = nnx.eval_shape(lambda: trainer.build_model(
       _schedule_config(model="cifar_se_resnet20"), rngs=nnx.Rngs(0)))
   params = nnx.state(model, nnx.Param)
-  mask = trainer._decay_mask(params)
+  mask = steps._decay_mask(params)
   flat = {"/".join(map(str, k)): bool(getattr(v, "get_value", lambda: v)())
           for k, v in nnx.to_flat_state(mask)}
   assert flat["stem_conv/kernel"] and flat["fc/kernel"]
-  assert flat["stages/0/0/se/w1"] and flat["stages/0/0/se/w2"]
-  assert not flat["fc/bias"] and not flat["stages/0/0/se/b1"]
+  assert flat["stages/0/0/attn/w1"] and flat["stages/0/0/attn/w2"]
+  assert not flat["fc/bias"] and not flat["stages/0/0/attn/b1"]
   assert not flat["stem_norm/scale"] and not flat["stem_norm/bias"]
 
 
