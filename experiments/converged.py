@@ -30,11 +30,10 @@ import time
 import numpy as np
 from flax import nnx
 
-from experiments import data, files, paper, stats, trainer
+from experiments import data, files, paper, study_report, trainer
 from experiments.configs import common
 from experiments.configs import fashion_mnist_se_resnet20 as recipe_config
 from experiments.provenance import markdown_header, provenance
-from se_jax import analysis
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(_HERE, "results", "converged")
@@ -169,37 +168,6 @@ def train(args) -> list[dict]:
   return done
 
 
-def _curves(path: str, runs: list[dict]) -> None:
-  """Test error by epoch and training loss by step, every run."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, (a, b) = plt.subplots(1, 2, figsize=(10.5, 3.8))
-  models = list(dict.fromkeys(r["model"] for r in runs))
-  for r in runs:
-    with open(os.path.join(r["run_dir"], "metrics.jsonl")) as f:
-      recs = [json.loads(line) for line in f]
-    color = f"C{models.index(r['model'])}"
-    evals = [(x["epoch"], x["top1_err"]) for x in recs if x["split"] == "eval"]
-    train = [(x["step"], x["loss"]) for x in recs if x["split"] == "train"]
-    label = r["model"] if r["seed"] == runs[0]["seed"] else None
-    a.plot(*zip(*evals), color=color, marker="o", ms=2.5, lw=1, alpha=0.8,
-           label=label)
-    b.plot(*zip(*train), color=color, lw=0.6, alpha=0.6, label=label)
-  a.set_xlabel("epoch")
-  a.set_ylabel("test error (%)")
-  a.set_yscale("log")
-  a.legend()
-  b.set_xlabel("step")
-  b.set_ylabel("training loss")
-  b.set_yscale("log")
-  b.legend()
-  fig.suptitle("Every seed of the converged study")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
 def gate_analysis(config, params_path: str, *, data_dir=None,
                   max_examples: int | None = None):
   """The gates of a trained SE network over the test set, and their
@@ -215,84 +183,32 @@ def gate_analysis(config, params_path: str, *, data_dir=None,
   sample = recalibration.collect_gates(model, source, transform,
                                        batch_size=500,
                                        max_examples=max_examples)
-  measures = {}
-  for block, g in sample.gates.items():
-    s = analysis.gate_statistics(g, sample.labels)._asdict()
-    dead = analysis.dead_gates(g, sample.labels)
-    s.update(dead_all=dead.all_inputs, dead_class_share=dead.class_share,
-             class_means=analysis.class_gate_profiles(g, sample.labels)[1])
-    measures[block] = s
-  return sample, measures
-
-
-_MEASURES = (("class_share", "class share"),
-             ("within_class_std", "within-class std"),
-             ("mean_abs_from_one", "mean abs(g-1)"),
-             ("near_one_share", "> 0.9"), ("near_zero_share", "< 0.1"),
-             ("scale_r2", "scale R^2"),
-             ("dead_class_share", "dead classes"))
-
-
-def compare(runs: list[dict], baseline: str, model: str) -> dict:
-  """Test errors of the two networks over the seeds both finished."""
-  by = {(r["model"], r["seed"]): r["top1_err"] for r in runs}
-  seeds = sorted(s for (m, s) in by if m == model and (baseline, s) in by)
-  a = [by[(baseline, s)] for s in seeds]
-  b = [by[(model, s)] for s in seeds]
-  out = {"seeds": seeds, "baseline": a, "attention": b,
-         "baseline_mean": float(np.mean(a)) if a else None,
-         "attention_mean": float(np.mean(b)) if b else None,
-         "baseline_std": float(np.std(a, ddof=1)) if len(a) > 1 else None,
-         "attention_std": float(np.std(b, ddof=1)) if len(b) > 1 else None}
-  if len(seeds) > 1:
-    out["welch"] = stats.welch_difference(a, b)._asdict()
-    out["paired"] = stats.paired_difference(a, b)._asdict()
-  return out
-
-
-def verdict(c: dict, baseline: str, model: str) -> str:
-  """What the comparison says, in words, from its numbers."""
-  n = len(c["seeds"])
-  if n < 2:
-    return (f"Only {n} seed(s) have both networks; no interval can be"
-            " given yet.")
-  w, p = c["welch"], c["paired"]
-  diff = w["mean"]
-  direction = "lower" if diff < 0 else "higher"
-  text = (
-      f"Over {n} seeds, `{model}` reaches {c['attention_mean']:.2f} +-"
-      f" {c['attention_std']:.2f}% test error against"
-      f" {c['baseline_mean']:.2f} +- {c['baseline_std']:.2f}% for"
-      f" `{baseline}`: {abs(diff):.2f} points {direction}, 95% CI"
-      f" [{w['low']:+.2f}, {w['high']:+.2f}] (Welch, p = {w['p']:.3f}); paired"
-      f" by seed (same data order and initialisation stream),"
-      f" [{p['low']:+.2f}, {p['high']:+.2f}] (p = {p['p']:.3f}). ")
-  if w["high"] < 0 or p["high"] < 0:
-    strength = ("both intervals exclude zero" if w["high"] < 0 and
-                p["high"] < 0 else "the paired interval excludes zero, the"
-                " unpaired one does not")
-    text += (f"SE helps here: {strength}, so the improvement is unlikely to"
-             " be seed noise at the 95% level.")
-  elif w["low"] > 0 or p["low"] > 0:
-    text += ("SE hurts here: an interval lies above zero, so the network"
-             " without SE is better beyond seed noise at the 95% level.")
-  else:
-    text += ("Both intervals contain zero: with these seeds the data cannot"
-             " tell whether SE helps here; a difference larger than the"
-             " intervals' half-widths would have shown.")
-  return text
+  return sample, study_report.block_measures(sample.gates, sample.labels)
 
 
 def report(args, runs: list[dict]) -> dict:
   """The study's report: errors, their statistics, learning curves, and
   the role-of-excitation analysis of every converged SE network."""
-  from experiments import recalibration
   t0 = time.perf_counter()
   prov = provenance()
   os.makedirs(args.results, exist_ok=True)
   baseline, model = args.models[0], args.models[1]
-  c = compare(runs, baseline, model)
-  _curves(os.path.join(args.results, "curves.png"), runs)
+  c = study_report.compare(runs, baseline, model)
+  models = list(dict.fromkeys(r["model"] for r in runs))
+  series = []
+  for r in runs:
+    with open(os.path.join(r["run_dir"], "metrics.jsonl")) as f:
+      recs = [json.loads(line) for line in f]
+    evals = [x for x in recs if x["split"] == "eval"]
+    train = [x for x in recs if x["split"] == "train"]
+    series.append(dict(
+        label=r["model"] if r["seed"] == runs[0]["seed"] else None,
+        color=f"C{models.index(r['model'])}",
+        epochs=[x["epoch"] for x in evals],
+        errors=[x["top1_err"] for x in evals],
+        steps=[x["step"] for x in train], losses=[x["loss"] for x in train]))
+  study_report.plot_curves(os.path.join(args.results, "curves.png"), series,
+                           "Every seed of the converged study")
 
   se_runs = [r for r in runs if r["model"] == model]
   per_seed, samples = {}, {}
@@ -305,52 +221,22 @@ def report(args, runs: list[dict]) -> dict:
         data_dir=args.data_dir,
         max_examples=1000 if args.smoke else None)
     per_seed[r["seed"]], samples[r["seed"]] = measures, sample
-  blocks = list(next(iter(per_seed.values()))) if per_seed else []
-  stability = {}
-  for b in blocks:
-    row = {}
-    for key, _ in _MEASURES:
-      v = [float(per_seed[s][b][key]) for s in per_seed]
-      row[key] = (float(np.mean(v)),
-                  float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
-    row["dead_all_seeds"] = sum(bool(per_seed[s][b]["dead_all"])
-                                for s in per_seed)
-    seeds = sorted(per_seed)
-    sims = [analysis.profile_similarity(per_seed[i][b]["class_means"],
-                                        per_seed[j][b]["class_means"])
-            for k, i in enumerate(seeds) for j in seeds[k + 1:]]
-    row["cross_seed_similarity"] = (float(np.mean(sims)) if sims else None)
-    stability[b] = row
+  stability = study_report.stability(per_seed)
 
   first = min(samples) if samples else None
   figures = []
   if first is not None:
     sample = samples[first]
     info = data.DATASETS[make_config(model, first).dataset]
-    names = info.class_names
-    shown = recalibration.selected_blocks(blocks)
-    rng = np.random.default_rng(0)
-    channels = {b: np.sort(rng.choice(sample.gates[b].shape[1],
-                                      min(50, sample.gates[b].shape[1]),
-                                      replace=False)) for b in blocks}
-    _, mean, _ = analysis.class_gate_profiles(sample.gates[shown[-1]],
-                                              sample.labels)
-    d = ((mean[:, None] - mean[None]) ** 2).sum(-1)
-    pair = [int(i) for i in np.unravel_index(np.argmax(d), d.shape)]
-    title = f"converged {model}, seed {first}, on {info.recipe}"
-    recalibration._plot_fig6(
-        sample.gates, sample.labels, sample.overall, shown, names, channels,
-        os.path.join(args.results, "fig6_class_gates.png"), title)
-    recalibration._plot_fig7(
-        sample.gates, sample.labels, shown, pair, names, channels,
-        os.path.join(args.results, "fig7_within_class.png"), title)
-    figures = ["fig6_class_gates.png", "fig7_within_class.png"]
+    figures = study_report.draw_figures(
+        sample.gates, sample.labels, sample.overall, info.class_names,
+        args.results, f"converged {model}, seed {first}, on {info.recipe}")
 
   results = dict(
       baseline=baseline, model=model,
       runs=[{k: r[k] for k in ("model", "seed", "top1_err", "top5_err",
                                "train_seconds")} for r in runs],
-      comparison=c, verdict=verdict(c, baseline, model),
+      comparison=c, verdict=study_report.verdict(c, baseline, model),
       gate_measures={s: {b: {k: (v.tolist() if isinstance(v, np.ndarray)
                                  else v) for k, v in m.items()}
                          for b, m in per_seed[s].items()}
@@ -412,11 +298,11 @@ def _to_markdown(results: dict, prov: dict, args) -> str:
         " image the same gates. \"Seed agreement\": how alike the class"
         " structure of the gates is between seeds"
         " (`se_jax.analysis.profile_similarity`, 1 = the same).\n")
-    out.append("| block | " + " | ".join(h for _, h in _MEASURES)
+    out.append("| block | " + " | ".join(h for _, h in study_report.MEASURES)
                + " | dead everywhere | seed agreement |\n|---|"
-               + "---|" * (len(_MEASURES) + 2))
+               + "---|" * (len(study_report.MEASURES) + 2))
     for b, row in stab.items():
-      cells = [f"{row[k][0]:.3f} +- {row[k][1]:.3f}" for k, _ in _MEASURES]
+      cells = [f"{row[k][0]:.3f} +- {row[k][1]:.3f}" for k, _ in study_report.MEASURES]
       sim = row["cross_seed_similarity"]
       out.append(f"| {b} | " + " | ".join(cells)
                  + f" | {row['dead_all_seeds']} of {n} |"

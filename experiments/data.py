@@ -17,13 +17,13 @@ only its own slice of every global batch.
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import hashlib
 import os
 from collections.abc import Callable
 
 import grain
 import numpy as np
+
+from experiments import fashion_mnist
 
 __all__ = [
     "DATASETS", "DataUnavailableError", "DatasetInfo", "FASHION_MNIST_DIR",
@@ -31,18 +31,8 @@ __all__ = [
     "input_threads", "pretrained_transform",
 ]
 
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-# sha256 of the decompressed files (REFERENCE.md, "Data on these machines").
-FASHION_MNIST_SHA256 = {
-    "train-images-idx3-ubyte":
-        "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
-    "train-labels-idx1-ubyte":
-        "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
-    "t10k-images-idx3-ubyte":
-        "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
-    "t10k-labels-idx1-ubyte":
-        "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
-}
+FASHION_MNIST_DIR = fashion_mnist.FASHION_MNIST_DIR
+FASHION_MNIST_SHA256 = fashion_mnist.FASHION_MNIST_SHA256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +54,7 @@ class DatasetInfo:
   class_names: tuple[str, ...] = ()
 
 
-_FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+_FASHION_CLASSES = fashion_mnist.CLASSES
 _CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog",
                     "frog", "horse", "ship", "truck")
 
@@ -105,32 +94,12 @@ class ArraySource:
     return {"image": self.images[i], "label": self.labels[i]}
 
 
-def _read_idx(path: str, name: str) -> np.ndarray:
-  with gzip.open(path, "rb") as f:
-    raw = f.read()
-  digest = hashlib.sha256(raw).hexdigest()
-  if digest != FASHION_MNIST_SHA256[name]:
-    raise DataUnavailableError(
-        f"{path} decompresses to sha256 {digest}, expected"
-        f" {FASHION_MNIST_SHA256[name]}; the file is corrupt or not"
-        " Fashion-MNIST. Reinstall: apt-get install --reinstall"
-        " dataset-fashion-mnist."
-    )
-  ndim = raw[3]
-  dims = np.frombuffer(raw, ">u4", count=ndim, offset=4)
-  return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
 def load_fashion_mnist_files(directory: str, split: str) -> ArraySource:
   """Reads Debian's Fashion-MNIST files, checking their sha256 digests."""
-  prefix = {"train": "train", "test": "t10k"}.get(split)
-  if prefix is None:
-    raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
-  images = _read_idx(os.path.join(directory, f"{prefix}-images-idx3-ubyte.gz"),
-                     f"{prefix}-images-idx3-ubyte")
-  labels = _read_idx(os.path.join(directory, f"{prefix}-labels-idx1-ubyte.gz"),
-                     f"{prefix}-labels-idx1-ubyte")
-  return ArraySource(images[..., None], labels.astype(np.int64))
+  try:
+    return ArraySource(*fashion_mnist.load_arrays(directory, split))
+  except fashion_mnist.CorruptFileError as e:
+    raise DataUnavailableError(str(e)) from None
 
 
 def get_source(name: str, split: str, *, data_dir: str | None = None,

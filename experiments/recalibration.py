@@ -1,7 +1,8 @@
 """Adaptive recalibration: does SE help, and what do its gates do?
 
   python -m experiments.recalibration [--dataset fashion_mnist]
-      [--model cifar_se_resnet20] [--epochs 1] [--seeds 0] [--quick]
+      [--model cifar_se_resnet20] [--epochs 3] [--seeds 0] [--quick]
+      [--write-results]
   python -m experiments.recalibration --weights legacy_seresnet50
       --dataset imagenet2012
 
@@ -21,8 +22,15 @@ protocol (experiments/paper.py, ROLE_OF_EXCITATION): goldfish, pug, airliner
 and cliff with their 50 validation images each, 50 sampled channels, blocks
 SE_2_3 to SE_5_3, and the mean over all evaluated images.
 
-Everything lands in --report-dir (default experiments/results/recalibration):
-report.md, report.json (every number) and the figures. Training runs live in
+The report puts the run beside the committed converged study
+(experiments/results/converged, `python -m experiments.converged`): the
+test errors of its seeds, the gate measures of every block, and how close
+this run's gates are to those of the converged network of the same seed.
+It never counts the study's runs as its own.
+
+Everything lands in --report-dir (default WORKDIR/report): report.md,
+report.json (every number) and the figures; ``--write-results`` writes the
+committed experiments/results/recalibration instead. Training runs live in
 --workdir; rerunning the command resumes unfinished runs and reuses finished
 ones. On two CPU cores the default run takes under 20 minutes and --quick
 under 3.
@@ -31,6 +39,7 @@ under 3.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from typing import NamedTuple
 import sys
@@ -41,16 +50,24 @@ import numpy as np
 from flax import nnx
 
 import se_jax
-from experiments import data, files, paper, trainer
+from experiments import data, files, paper, study_report, trainer
 from experiments.configs import common
 from experiments.plot_run import plot_curves
 from experiments.provenance import markdown_header, provenance
+from se_jax import analysis
 from se_jax.analysis import class_gate_profiles, gate_statistics
 from se_jax.models import capture_gates
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
-# Paper, Sec. 7.2 (REFERENCE.md): what Figs. 6-7 show, block by block.
+# The main job's budget: both networks trained for this many epochs, then
+# the analysis, stay under 20 minutes on two CPU cores (see the report's
+# wall time), and bring the gates near the converged study's (the report
+# compares them block by block).
+DEFAULT_EPOCHS = 3.0
+
+# What Figs. 6-7 of the paper show, block by block (Sec. 7.2;
+# docs/reference/facts.md, The role of excitation).
 PAPER_FINDINGS = (
     "early blocks are nearly class-agnostic (the same gate profile for every"
     " class); deeper blocks become class-specific; SE_5_2 saturates near 1"
@@ -68,16 +85,6 @@ def make_config(args, model: str, seed: int):
   c.data_dir = args.data_dir
   c.lock()
   return c
-
-
-def selected_blocks(names: list[str]) -> list[str]:
-  """The last SE block of each stage and every block of the last stage."""
-  stages: dict[int, list[str]] = {}
-  for n in names:
-    stages.setdefault(int(n.split("_")[1]), []).append(n)
-  last = max(stages)
-  picked = [units[-1] for s, units in sorted(stages.items()) if s != last]
-  return picked + stages[last]
 
 
 class GateSample(NamedTuple):
@@ -146,65 +153,6 @@ def collect_gates(model, source, transform, *, batch_size: int,
       images=images, top1_err=100.0 * (1 - correct / images))
 
 
-def _plot_fig6(gates, labels, overall, blocks, class_names, channels, path,
-               title):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  cols = min(3, len(blocks))
-  rows = -(-len(blocks) // cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.4 * rows),
-                           squeeze=False)
-  cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
-  for ax, block in zip(axes.flat, blocks):
-    classes, mean, _ = class_gate_profiles(gates[block], labels)
-    idx = channels[block]
-    x = np.arange(len(idx))
-    for i, k in enumerate(classes):
-      ax.plot(x, mean[i, idx], lw=1.0, color=cmap(i % cmap.N),
-              label=class_names[k])
-    ax.plot(x, overall[block][idx], "k--", lw=1.6, label="all")
-    ax.set_title(block)
-    ax.set_xlabel("channel index (sampled)")
-    ax.set_ylabel("mean gate")
-    ax.set_ylim(-0.02, 1.02)
-  for ax in list(axes.flat)[len(blocks):]:
-    ax.axis("off")
-  handles, lbls = axes.flat[0].get_legend_handles_labels()
-  fig.legend(handles, lbls, loc="lower center", ncol=min(11, len(lbls)),
-             fontsize=8, frameon=False)
-  fig.suptitle(title)
-  fig.tight_layout(rect=(0, 0.06, 1, 0.96))
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
-def _plot_fig7(gates, labels, blocks, pair, class_names, channels, path,
-               title):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(len(pair), len(blocks),
-                           figsize=(3.6 * len(blocks), 2.9 * len(pair)),
-                           squeeze=False)
-  for r, k in enumerate(pair):
-    for c, block in enumerate(blocks):
-      g = gates[block][labels == k][:, channels[block]]
-      m, s = g.mean(0), g.std(0)
-      x = np.arange(len(m))
-      ax = axes[r, c]
-      ax.plot(x, m, color="C0", lw=1.0)
-      ax.fill_between(x, m - s, m + s, color="C0", alpha=0.3, lw=0)
-      ax.set_ylim(-0.02, 1.02)
-      ax.set_title(f"{block}, {class_names[k]}", fontsize=9)
-      if c == 0:
-        ax.set_ylabel("gate: mean +- std")
-  fig.suptitle(title)
-  fig.tight_layout(rect=(0, 0, 1, 0.95))
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
 def describe(results: dict) -> list[str]:
   """What the numbers say, in words, generated from the numbers."""
   lines = []
@@ -266,6 +214,30 @@ def describe(results: dict) -> list[str]:
       f"Scale: in the last block, {last[0]}, a per-class scale explains"
       f" {100 * scale_r2:.0f}% of the between-class differences."
   )
+  conv = results.get("converged") or {}
+  if conv.get("missing"):
+    lines.append("No comparison with a converged study: " + conv["missing"])
+  elif conv:
+    base, se = conv["errors"]["baseline"], conv["errors"]["attention"]
+    mine = conv["this_run"]
+    corr = [r["correlation"] for r in conv["blocks"].values()
+            if "correlation" in r]
+    lines.append(
+        f"Against the converged study ({len(conv['seeds'])} seeds of"
+        f" {conv['epochs']:g} epochs): this run's test errors are"
+        f" {mine['baseline']:.2f}% without SE and {mine['attention']:.2f}%"
+        f" with SE, against {base[0]:.2f} +- {base[1]:.2f}% and"
+        f" {se[0]:.2f} +- {se[1]:.2f}% converged."
+        + (f" Its gates' class profiles correlate with those of the"
+           f" converged network of the same seed at"
+           f" {min(corr):.2f}-{max(corr):.2f} across the blocks (mean"
+           f" {np.mean(corr):.2f})." if corr else ""))
+    lines.append(
+        "What this run can and cannot show: one seed and a short schedule"
+        " show how the gates depend on the image and its class, and how far"
+        " that is from where training ends; they cannot say whether SE"
+        " improves the error, which needs converged networks over several"
+        " seeds: the study says: " + conv["verdict"])
   agree = lambda ok: "as in the paper" if ok else "unlike the paper"
   second_last = blocks[-2] if len(blocks) > 1 else None
   lines.append(
@@ -344,9 +316,93 @@ def _to_markdown(results: dict, prov: dict) -> str:
              "\n")
   if results["table"]:
     out.append("![Training curves](curves.png)\n")
+  conv = results.get("converged") or {}
+  if conv and not conv.get("missing"):
+    out.append("## Against the converged study\n")
+    out.append(
+        f"The committed study (experiments/results/converged/report.md):"
+        f" {len(conv['seeds'])} seeds of {conv['epochs']:g} epochs. Measures"
+        " of this run beside the study's mean +- std over its seeds;"
+        " correlation: of the per-class gate profiles with the converged"
+        " network of the same seed, channel by channel (same"
+        " initialisation); similarity: of the class structure, whatever the"
+        " channels (`se_jax.analysis`).\n")
+    out.append("| block | class share (this / converged) | within-class std"
+               " | mean abs(g-1) | correlation | similarity |\n"
+               "|---|---|---|---|---|---|")
+    for b, r in conv["blocks"].items():
+      def cell(k, r=r):
+        c = r["converged"].get(k)
+        return (f"{r['this_run'][k]:.3f} / "
+                + ("-" if c is None else f"{c[0]:.3f} +- {c[1]:.3f}"))
+      out.append(
+          f"| {b} | {cell('class_share')} | {cell('within_class_std')} |"
+          f" {cell('mean_abs_from_one')} |"
+          f" {r.get('correlation', float('nan')):.2f} |"
+          f" {r.get('similarity', float('nan')):.2f} |")
+    out.append("")
   out.append("## What the numbers say\n")
   out.extend(f"- {line}" for line in results["summary"])
   return "\n".join(out) + "\n"
+
+
+def against_converged(args, seed, gates, labels, stats, table) -> dict:
+  """This run beside the committed converged study: test errors, the gate
+  measures of every block, and how close its gates are to those of the
+  converged network of the same seed (`se_jax.analysis`'s
+  `profile_correlation`, channels matched by the shared initialisation, and
+  `profile_similarity`, which needs no matching)."""
+  from experiments import converged
+  path = os.path.join(args.converged, "report.json")
+  if not os.path.exists(path):
+    return {"missing": f"no converged study at {args.converged} (run"
+                       " python -m experiments.converged)."}
+  with open(path) as f:
+    study = json.load(f)
+  recipe = converged.make_config(args.model, seed)
+  if study.get("model") != args.model or args.dataset != recipe.dataset:
+    return {"missing": f"the converged study is of {study.get('model')} on"
+                       f" {recipe.dataset}, this run of {args.model} on"
+                       f" {args.dataset}."}
+  out = {"seeds": study["comparison"]["seeds"],
+         "epochs": float(recipe.num_epochs),
+         "errors": {k: (study["comparison"][f"{k}_mean"],
+                        study["comparison"][f"{k}_std"])
+                    for k in ("baseline", "attention")},
+         "verdict": study["verdict"], "blocks": {}}
+  ours = {r["kind"]: r["test_err"] for r in table if r["seed"] == seed}
+  out["this_run"] = {"baseline": ours.get("baseline"),
+                     "attention": ours.get("se")}
+  params = os.path.join(args.converged, "runs",
+                        converged.run_name(args.model, seed),
+                        converged.PARAMS_FILE)
+  reference = None
+  if os.path.exists(params):
+    print(f"Reading the gates of the converged {args.model}, seed {seed}...",
+          file=sys.stderr, flush=True)
+    try:
+      sample, reference = converged.gate_analysis(
+          recipe, params, data_dir=args.data_dir,
+          max_examples=len(labels) if len(labels) < 10000 else None)
+    except ValueError as e:
+      out["note"] = f"the converged parameters do not fit this run: {e}"
+    else:
+      if not np.array_equal(sample.labels, labels):
+        reference = None
+  for b in gates:
+    row = {"this_run": {k: stats[b][k] for k in ("class_share",
+                                                  "within_class_std",
+                                                  "mean_abs_from_one")},
+           "converged": {k: study["stability"].get(b, {}).get(k)
+                         for k in ("class_share", "within_class_std",
+                                   "mean_abs_from_one")}}
+    if reference is not None and b in reference:
+      mine = class_gate_profiles(gates[b], labels)[1]
+      theirs = reference[b]["class_means"]
+      row["correlation"] = analysis.profile_correlation(mine, theirs)
+      row["similarity"] = analysis.profile_similarity(mine, theirs)
+    out["blocks"][b] = row
+  return out
 
 
 def _load_weights(weights: str):
@@ -418,7 +474,8 @@ def main(argv=None) -> dict:
                       " directory written by experiments.convert_timm, or a"
                       " timm model name (e.g. legacy_seresnet50; needs the"
                       " network and the torch extra)")
-  p.add_argument("--epochs", type=float, default=1.0)
+  p.add_argument("--epochs", type=float, default=DEFAULT_EPOCHS,
+                 help="epochs of each network (cosine decay over them)")
   p.add_argument("--seeds", default="0", type=common.parse_seeds,
                  help="comma-separated seeds; each trains both networks")
   p.add_argument("--batch-size", type=int, default=128)
@@ -442,8 +499,15 @@ def main(argv=None) -> dict:
                       " whose last-block gate profiles differ most)")
   p.add_argument("--data-dir", default=None, help="TFDS data_dir")
   p.add_argument("--workdir", default="workdirs/recalibration")
-  p.add_argument("--report-dir",
-                 default=os.path.join(_HERE, "results", "recalibration"))
+  p.add_argument("--report-dir", default=None,
+                 help="where the report goes; default WORKDIR/report")
+  p.add_argument("--write-results", action="store_true",
+                 help="write the report to the committed"
+                      " experiments/results/recalibration instead")
+  p.add_argument("--converged", default=os.path.join(_HERE, "results",
+                                                     "converged"),
+                 help="the committed converged study to compare with"
+                      " (python -m experiments.converged)")
   args = p.parse_args(argv)
   if args.epochs <= 0:
     p.error(f"--epochs must be positive, got {args.epochs}")
@@ -466,14 +530,15 @@ def main(argv=None) -> dict:
   info = data.DATASETS[args.dataset]
   if args.quick:
     args.epochs = min(args.epochs, 1.0)
-    if args.report_dir == p.get_default("report_dir"):
-      args.report_dir = os.path.join(args.workdir, "report_quick")
     args.workdir = os.path.join(args.workdir, "quick")
-  if args.weights is not None and args.report_dir == p.get_default(
-      "report_dir"):
-    name = os.path.basename(os.path.normpath(args.weights))
-    args.report_dir = os.path.join(_HERE, "results",
-                                   f"recalibration_{name}_{args.dataset}")
+  if args.report_dir is None:
+    if args.write_results:
+      name = "recalibration" if args.weights is None else (
+          "recalibration_" + os.path.basename(os.path.normpath(args.weights))
+          + f"_{args.dataset}")
+      args.report_dir = os.path.join(_HERE, "results", name)
+    else:
+      args.report_dir = os.path.join(args.workdir, "report")
   prov = provenance()
   t_start = time.perf_counter()
 
@@ -520,7 +585,7 @@ def main(argv=None) -> dict:
   names = info.class_names or tuple(str(i) for i in range(info.num_classes))
   if papers_setting:
     names = tuple(protocol["classes"].get(i, n) for i, n in enumerate(names))
-  blocks = selected_blocks(list(gates))
+  blocks = study_report.selected_blocks(list(gates))
   rng = np.random.default_rng(0)
   channels = {b: np.sort(rng.choice(gates[b].shape[1],
                                     min(args.channels, gates[b].shape[1]),
@@ -538,9 +603,10 @@ def main(argv=None) -> dict:
 
   title = f"{analysed} on {args.dataset}"
   os.makedirs(args.report_dir, exist_ok=True)
-  _plot_fig6(gates, labels, sample.overall, blocks, names, channels,
+  study_report.plot_fig6(gates, labels, sample.overall, blocks, names,
+                         channels,
              os.path.join(args.report_dir, "fig6_class_gates.png"), title)
-  _plot_fig7(gates, labels, blocks, pair, names, channels,
+  study_report.plot_fig7(gates, labels, blocks, pair, names, channels,
              os.path.join(args.report_dir, "fig7_within_class.png"), title)
   if runs:
     plot_curves(runs, os.path.join(args.report_dir, "curves.png"))
@@ -567,6 +633,9 @@ def main(argv=None) -> dict:
           f" augmentation for {args.dataset}"),
       wall_seconds=time.perf_counter() - t_start,
   )
+  if args.weights is None:
+    results["converged"] = against_converged(args, seed, gates, labels,
+                                             stats, table)
   results["summary"] = describe(results)
   files.write_json(os.path.join(args.report_dir, "report.json"),
                    {"provenance": prov, **results})

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import se_jax
-from experiments import data, recalibration
+from experiments import data, recalibration, study_report
 from se_jax.analysis import class_gate_profiles, gate_statistics
 
 LABELS = np.repeat(np.arange(5), 40)
@@ -82,7 +82,7 @@ def test_profiles_and_bad_input():
 def test_the_papers_blocks_are_selected():
   names = [f"SE_{s}_{u}" for s, n in zip((2, 3, 4, 5), (3, 4, 6, 3))
            for u in range(1, n + 1)]
-  assert recalibration.selected_blocks(names) == [
+  assert study_report.selected_blocks(names) == [
       "SE_2_3", "SE_3_4", "SE_4_6", "SE_5_1", "SE_5_2", "SE_5_3"]
 
 
@@ -108,10 +108,11 @@ def test_plain_twins_come_from_the_registry():
 @pytest.mark.skipif(not os.path.isdir(data.FASHION_MNIST_DIR),
                     reason="Debian's dataset-fashion-mnist is not installed")
 def test_main_job_writes_a_report_and_reuses_finished_runs(tmp_path, capsys):
+  # The report goes to the run's own workdir, never over the committed one.
   args = ["--quick", "--epochs", "0.05", "--workdir", str(tmp_path / "wd"),
-          "--report-dir", str(tmp_path / "report")]
+          "--converged", str(tmp_path / "no_study")]
   results = recalibration.main(args)
-  report = tmp_path / "report"
+  report = tmp_path / "wd" / "quick" / "report"
   for name in ("report.md", "report.json", "fig6_class_gates.png",
                "fig7_within_class.png", "curves.png"):
     assert (report / name).stat().st_size > 0
@@ -124,10 +125,52 @@ def test_main_job_writes_a_report_and_reuses_finished_runs(tmp_path, capsys):
   assert saved["table"][1]["params"] > saved["table"][0]["params"]
   assert all(0 <= saved["gate_stats"][b]["class_share"] <= 1
              for b in saved["blocks"])
+  assert "no converged study at" in saved["converged"]["missing"]
+  assert any("No comparison with a converged study" in line
+             for line in saved["summary"])
   capsys.readouterr()
   again = recalibration.main(args)
   assert "finished earlier" in capsys.readouterr().err
   assert again["table"] == results["table"]
+
+
+def test_the_main_job_is_compared_with_the_converged_study(tmp_path):
+  # A study's report without parameters: errors and measures, no
+  # correlations.
+  study = tmp_path / "study"
+  study.mkdir()
+  blocks = ["SE_2_1", "SE_4_3"]
+  (study / "report.json").write_text(json.dumps({
+      "model": "cifar_se_resnet20", "verdict": "The study's verdict.",
+      "comparison": {"seeds": [0, 1, 2], "baseline_mean": 7.0,
+                     "baseline_std": 0.2, "attention_mean": 6.8,
+                     "attention_std": 0.1},
+      "stability": {b: {"class_share": [0.5, 0.1], "within_class_std":
+                        [0.05, 0.01], "mean_abs_from_one": [0.4, 0.02]}
+                    for b in blocks}}))
+  args = recalibration.argparse.Namespace(
+      converged=str(study), model="cifar_se_resnet20",
+      dataset="fashion_mnist", data_dir=None)
+  rng = np.random.default_rng(0)
+  labels = np.repeat(np.arange(3), 10)
+  gates = {b: rng.uniform(size=(30, 8)) for b in blocks}
+  stats = {b: gate_statistics(gates[b], labels)._asdict() for b in blocks}
+  table = [dict(kind="baseline", seed=0, test_err=9.0),
+           dict(kind="se", seed=0, test_err=9.5)]
+  out = recalibration.against_converged(args, 0, gates, labels, stats, table)
+  assert out["errors"] == {"baseline": (7.0, 0.2), "attention": (6.8, 0.1)}
+  assert out["this_run"] == {"baseline": 9.0, "attention": 9.5}
+  assert out["blocks"]["SE_4_3"]["converged"]["class_share"] == [0.5, 0.1]
+  assert "correlation" not in out["blocks"]["SE_4_3"]
+  results = {"converged": out, "table": [], "blocks": blocks,
+             "gate_stats": stats, "dataset": "fashion_mnist"}
+  text = " ".join(recalibration.describe(results))
+  assert "9.00% without SE and 9.50% with SE, against 7.00 +- 0.20%" in text
+  assert "the study says: The study's verdict." in text
+  other = recalibration.argparse.Namespace(**{**vars(args),
+                                              "model": "cifar_se_resnet56"})
+  assert "of cifar_se_resnet20" in recalibration.against_converged(
+      other, 0, gates, labels, stats, table)["missing"]
 
 
 @pytest.mark.skipif(not os.path.isdir(data.FASHION_MNIST_DIR),
