@@ -1109,3 +1109,48 @@ def test_coord_matches_timm():
   assert t.bn1.eps == 1e-5
   assert all(coord.coord_reduced_width(c) == make_divisible(
       c * (1 / 16) * (2 / 3), 8, round_limit=0.0) for c in range(1, 2049))
+
+
+# ---------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("kind", list(attention.KINDS))
+def test_every_kind_trains_in_a_resnet(kind):
+  """Twenty steps of the trainer's own step on one batch: the loss falls,
+  the attention's parameters move, and the gates stay finite."""
+  import optax
+
+  from experiments import steps
+  from se_jax import models
+
+  model = models.create("cifar_resnet20", attention=kind, stage_sizes=(1, 1, 1),
+                        widths=(16, 16, 32), in_channels=1, num_classes=10,
+                        rngs=nnx.Rngs(0))
+  graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+  tx = optax.adam(1e-2)
+  step = jax.jit(steps.make_train_step(
+      graphdef, tx, lambda s: jnp.float32(1e-2), num_classes=10))
+  rng = np.random.default_rng(0)
+  batch = {"image": jnp.asarray(rng.normal(size=(16, 12, 12, 1)), jnp.float32),
+           "label": jnp.asarray(rng.integers(0, 10, 16), jnp.int32)}
+  state = steps.init_state(params, stats, tx, 0)
+  losses = []
+  for _ in range(20):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  assert np.isfinite(losses).all() and losses[-1] < 0.5 * losses[0], losses
+
+  def attention_leaves(tree):
+    return [np.asarray(v) for path, v in jax.tree_util.tree_leaves_with_path(
+        tree) if "attn" in jax.tree_util.keystr(path)]
+
+  before, after = attention_leaves(params), attention_leaves(state["params"])
+  assert len(before) == len(after)
+  if kind != "simam":  # Parameter-free.
+    assert before, f"{kind} has no parameters in the units"
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after))
+  trained = nnx.merge(graphdef, state["params"], state["batch_stats"])
+  trained.eval()
+  gates = models.capture_gates(trained, batch["image"], spatial=True)
+  assert gates and all(np.isfinite(np.asarray(g, np.float32)).all()
+                       for g in gates.values())
