@@ -1,48 +1,57 @@
-"""Speed and memory of se_jax: SE against the plain network, and against PyTorch.
+"""Speed and memory of se_jax: what a user gets, SE against the plain
+network, and se_jax against PyTorch.
 
   python -m experiments.benchmark [--sections inference,train,cifar,...]
-      [--repeats 9] [--quick]
+      [--repeats 9] [--quick] [--update-readme]
 
 Every comparison is measured side by side in one run: the timed calls of the
 compared programs alternate (A B B A ...), each after its warm-up and
 compilation, and the report gives medians and their ratio. Compilation is
-timed separately, with JAX's persistent cache off. Sections:
+timed separately, with JAX's persistent cache off. se_jax's programs are
+what a user writes: a plain ``jax.jit`` with no compiler option, of the
+model (inference), of the training step that the trainer runs
+(`experiments.steps.make_train_step`) and of the README's functional path.
+Other configurations are chosen by explicit arguments: the model options
+``conv_impl`` and ``fold_norm``, and XLA's convolution option
+(`XLA_CONV_OPTION`). Sections:
 
 - ``inference``: ResNet-50 and SE-ResNet-50 at batch 1, 8 and 32 (224 x 224),
-  se_jax against timm's resnet50 / seresnet50.
-- ``train``: one SGD training step of the same networks.
-- ``cifar``: a training step of CIFAR ResNet-20 / ResNet-110 with and
-  without SE at batch 128, against the same networks written in PyTorch here.
+  against timm's resnet50 / seresnet50.
+- ``train``: one training step of the same networks at batch 8.
+- ``cifar``: the training step of CIFAR ResNet-20 / ResNet-110 with and
+  without SE at batch 128, against the same networks written in PyTorch
+  here, with the achieved GFLOP/s against the machine's measured matrix
+  product rate.
 - ``se_block``: `se_jax.squeeze_excite` alone on the feature maps of each
-  ResNet-50 stage, its bytes moved against the machine's measured copy rate.
+  ResNet-50 stage, against the time of the passes over memory it must make
+  (a reduction and a scaling of the same map), measured in the same run.
 - ``memory``: XLA's peak memory of a training step, SE against plain.
 - ``kernels``: the convolutions of the CIFAR ResNets alone (forward, input
-  gradient, weight gradient), XLA against PyTorch: what bounds the step.
-- ``tuning``: what this package's CPU measures buy: the CIFAR SE-ResNet-20
-  step with XLA's default options, and without the saved convolution inputs
-  of `se_jax.conv`, with profiles of the transposes they cost.
+  gradient, kernel gradient): se_jax's `conv2d`, XLA's convolution in its
+  default pipeline, and PyTorch.
+- ``tuning``: what se_jax's measures buy: the CIFAR SE-ResNet-20 step with
+  XLA's convolutions (``conv_impl="xla"``), with them and XLA's convolution
+  option, and with the last BN apart from SE (``fold_norm=False``).
 
 On a CPU the programs run in float32; on a GPU in bfloat16 (se_jax's
 ``dtype=bfloat16``; timm in channels_last under autocast). The report,
 experiments/results/benchmark.md and .json, states the machine, versions,
-date and commit, and checks the targets of the performance issue.
+date and commit, and checks the targets of the performance issue;
+``--update-readme`` writes its summary into README.md's performance
+section.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import glob
-import gzip
 import json
 import os
 import re
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -51,30 +60,46 @@ import optax
 from flax import nnx
 
 import se_jax
-from experiments import files
+from experiments import files, steps
 from experiments.provenance import markdown_header, provenance
-from se_jax import conv as conv_lib
-from se_jax import primitives
-from se_jax.models import resnet
+from se_jax.conv import conv2d
 from se_jax.models import create
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_HERE)
 SECTIONS = ("inference", "train", "cifar", "se_block", "memory", "kernels",
             "tuning")
 
+# XLA:CPU's option that keeps convolutions off YNNPACK (jaxlib 0.10): what a
+# user would have to pass to make XLA's own convolutions fast. Measured as
+# the alternative to se_jax's formulations, never used by default.
+XLA_CONV_OPTION = {
+    "xla_cpu_experimental_ynn_fusion_type":
+        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
 # Targets of the performance issue, as (what, limit, direction).
 TARGETS = {
+    "default_within_fastest_train": (
+        "Training step, default path / fastest se_jax configuration", 1.05,
+        "max"),
+    "default_within_fastest_inference": (
+        "Inference, default path / fastest se_jax configuration", 1.05,
+        "max"),
     "se_overhead_inference": ("SE overhead, inference (SE / plain time)",
                               1.02, "max"),
     "se_overhead_train": ("SE overhead, training step (SE / plain time)",
                           1.05, "max"),
     "speed_vs_timm_inference": (
-        "SE-ResNet-50 inference speed, se_jax / timm", 1.1, "min"),
-    "speed_vs_torch_cifar": (
-        "CIFAR SE-ResNet-20 training speed, se_jax / PyTorch eager", 1.0,
+        "SE-ResNet-50 inference speed, se_jax / timm channels_last", 1.1,
         "min"),
+    "speed_vs_torch_cifar": (
+        "CIFAR SE-ResNet training speed, se_jax / PyTorch channels_last",
+        1.0, "min"),
     "memory_se_over_plain": ("Peak training memory, SE / plain", 1.05,
                              "max"),
+    "peak_fraction_cifar": (
+        "CIFAR SE-ResNet training step, share of the matrix product rate",
+        0.5, "min"),
 }
 GPU_SE_OVERHEAD_TARGET = 1.03
 
@@ -104,7 +129,7 @@ def time_alternating(fns: dict[str, Callable[[], object]], repeats: int,
 
 
 class _Compiled:
-  """A jitted function, compiled once with se_jax's options, timed."""
+  """A jitted function, compiled once (with `options` if given), timed."""
 
   def __init__(self, fn, *args, options=None, donate=()):
     t0 = time.perf_counter()
@@ -116,6 +141,26 @@ class _Compiled:
     return self.compiled(*args)
 
 
+def matmul_rate(repeats: int, n: int = 2048, dtype=jnp.float32) -> float:
+  """FLOP/s of a large matrix product in XLA: the machine's practical peak
+  for dense arithmetic."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  f = jax.jit(lambda a: a @ a)
+  t = time_alternating({"matmul": lambda: f(a).block_until_ready()},
+                       repeats)["matmul"]["median_s"]
+  return 2 * n ** 3 / t
+
+
+def training_flops(name: str, batch: int, size: int, num_classes: int,
+                   channels: int = 3) -> float:
+  """FLOPs of one training step: 2 per multiply-add, three times the
+  forward pass's (forward, input gradient, kernel gradient), padding taps
+  included as the kernels compute them."""
+  model = nnx.eval_shape(lambda: create(name, num_classes=num_classes,
+                                        in_channels=channels))
+  return 6.0 * batch * se_jax.count_flops(model, (size, size, channels))
+
+
 # ------------------------------------------------------------------ se_jax
 
 
@@ -124,9 +169,11 @@ def _jax_images(batch, size, channels=3, dtype=jnp.float32):
                            dtype)
 
 
-def jax_inference(name: str, batch: int, size: int, dtype, options=None):
-  """A zero-argument callable running `name` in eval mode, and its compile."""
-  model = create(name, dtype=dtype)
+def jax_inference(name: str, batch: int, size: int, dtype, options=None,
+                  **model_options):
+  """A zero-argument callable running `name` in eval mode under a plain
+  jit, its compile time and the compiled program."""
+  model = create(name, dtype=dtype, **model_options)
   model.eval()
   graphdef, state = nnx.split(model)
   x = _jax_images(batch, size, dtype=dtype or jnp.float32)
@@ -135,21 +182,25 @@ def jax_inference(name: str, batch: int, size: int, dtype, options=None):
   return (lambda: f(state, x).block_until_ready()), f.compile_s, f
 
 
+# The CIFAR recipe's optimizer (experiments/configs/common.py, base_config).
+_RECIPE = dict(learning_rate=0.1, momentum=0.9, nesterov=False,
+               weight_decay=1e-4, schedule="step", decay_fractions=(0.5, 0.75),
+               decay_factor=0.1, warmup_epochs=0.0)
 _TRAIN_STEPS: dict[tuple, tuple] = {}
 
 
 def jax_train_step(name: str, batch: int, size: int, num_classes: int, dtype,
                    options=None, **model_options):
-  """A zero-argument callable running one SGD step of `name` in place.
+  """A zero-argument callable running the trainer's training step of
+  `name` in place, its compile time and the compiled program.
 
-  Each program is compiled once per run of the benchmark, for the timing and
-  the memory sections alike.
+  The step is `experiments.steps.make_train_step`, jitted as the trainer
+  jits it (the state donated), with the CIFAR recipe's optimizer. Each
+  program is compiled once per run of the benchmark.
   """
-  # The tuning section traces with conv_lib._materialized and the units'
-  # folding of BN into SE swapped out.
   key = (name, batch, size, num_classes, dtype,
-         None if options is None else tuple(sorted(options.items())),
-         conv_lib._materialized, tuple(sorted(model_options.items())))
+         tuple(sorted((options or {}).items())),
+         tuple(sorted(model_options.items())))
   if key not in _TRAIN_STEPS:
     _TRAIN_STEPS[key] = _build_train_step(name, batch, size, num_classes,
                                           dtype, options, model_options)
@@ -158,33 +209,56 @@ def jax_train_step(name: str, batch: int, size: int, num_classes: int, dtype,
 
 def _build_train_step(name, batch, size, num_classes, dtype, options,
                       model_options):
+  import types
+  recipe = types.SimpleNamespace(**_RECIPE)
   model = create(name, num_classes=num_classes, dtype=dtype, **model_options)
   graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-  tx = optax.chain(optax.add_decayed_weights(1e-4),
-                   optax.sgd(0.1, momentum=0.9))
-  x = _jax_images(batch, size, dtype=dtype or jnp.float32)
-  y = jnp.arange(batch) % num_classes
-
-  def step(state, x, y):
-    params, stats, opt = state
-
-    def loss_fn(p):
-      m = nnx.merge(graphdef, p, stats, copy=True)
-      loss = optax.softmax_cross_entropy_with_integer_labels(m(x), y).mean()
-      return loss, nnx.state(m, nnx.BatchStat)
-
-    (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt = tx.update(grads, opt, params)
-    return optax.apply_updates(params, updates), stats, opt
-
-  state = [(params, stats, tx.init(params))]
-  f = _Compiled(step, state[0], x, y, options=options, donate=(0,))
+  schedule = steps.make_schedule(recipe, 100, 1000)
+  tx = steps.make_optimizer(recipe, schedule)
+  step = steps.make_train_step(graphdef, tx, schedule,
+                               num_classes=num_classes)
+  batch_data = {"image": _jax_images(batch, size, dtype=jnp.float32),
+                "label": jnp.arange(batch) % num_classes}
+  state = [steps.init_state(params, stats, tx, 0)]
+  f = _Compiled(step, state[0], batch_data, options=options, donate=(0,))
 
   def run():
-    state[0] = f(state[0], x, y)
-    jax.block_until_ready(state[0])
+    state[0], metrics = f(state[0], batch_data)
+    jax.block_until_ready(metrics)
 
   return run, f.compile_s, f
+
+
+def readme_train_step(name: str, batch: int, size: int, num_classes: int):
+  """The README's functional path, as a user writes it: one ``jax.jit`` of
+  the loss's gradient and a plain SGD update."""
+  model = create(name, num_classes=num_classes)
+  graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+
+  @jax.jit
+  def train_step(params, batch_stats, images, labels):
+    def loss_fn(params):
+      m = nnx.merge(graphdef, params, batch_stats)
+      logits = m(images)
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+      return loss.mean(), nnx.state(m, nnx.BatchStat)
+
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params)
+    params = jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
+    return params, batch_stats, loss
+
+  images = _jax_images(batch, size)
+  labels = jnp.arange(batch) % num_classes
+  state = [params, batch_stats]
+
+  def run():
+    state[0], state[1], loss = train_step(state[0], state[1], images, labels)
+    jax.block_until_ready(loss)
+
+  t0 = time.perf_counter()
+  run()
+  return run, time.perf_counter() - t0
 
 
 # ------------------------------------------------------------------ PyTorch
@@ -306,6 +380,11 @@ def _timm_model(name):
 # ------------------------------------------------------------------ sections
 
 
+def _timm_model(name):
+  import timm
+  return timm.create_model(name, pretrained=False)
+
+
 def section_inference(cfg) -> dict:
   rows = []
   for batch in cfg["inference_batches"]:
@@ -313,6 +392,11 @@ def section_inference(cfg) -> dict:
     for name in ("resnet50", "se_resnet50"):
       fns[f"se_jax {name}"], compile_s[name], _ = jax_inference(
           name, batch, 224, cfg["dtype"])
+    if not cfg["gpu"]:
+      label = "se_jax se_resnet50, XLA conv + option"
+      fns[label], compile_s[label], _ = jax_inference(
+          "se_resnet50", batch, 224, cfg["dtype"], options=XLA_CONV_OPTION,
+          conv_impl="xla")
     if cfg["torch"]:
       for timm_name, ours in (("resnet50", "resnet50"),
                               ("seresnet50", "se_resnet50")):
@@ -339,20 +423,32 @@ def section_train(cfg) -> dict:
             _timm_model(timm_name), batch, 224, 1000, cl, cfg["bf16"])
   print(f"[train] ResNet-50 at batch {batch}", file=sys.stderr, flush=True)
   times = time_alternating(fns, cfg["repeats"])
-  return {"batch": batch, "times": times, "compile_s": compile_s}
+  return {"batch": batch, "times": times, "compile_s": compile_s,
+          "flops": {n: training_flops(n, batch, 224, 1000)
+                    for n in ("resnet50", "se_resnet50")}}
 
 
 def section_cifar(cfg) -> dict:
   rows = []
   batch = cfg["cifar_batch"]
+  rate = matmul_rate(cfg["repeats"])
   for depth in cfg["cifar_depths"]:
-    fns, compile_s, params = {}, {}, {}
+    fns, compile_s, params, flops = {}, {}, {}, {}
     for se in (False, True):
       name = f"cifar_{'se_' if se else ''}resnet{depth}"
       fns[f"se_jax {name}"], compile_s[name], _ = jax_train_step(
           name, batch, 32, 10, cfg["dtype"])
+      flops[name] = training_flops(name, batch, 32, 10)
       params[f"se_jax {name}"] = se_jax.count_params(
           nnx.eval_shape(lambda: create(name, num_classes=10)))
+      if se and not cfg["bf16"]:
+        label = f"se_jax {name}, README path"
+        fns[label], compile_s[label] = readme_train_step(name, batch, 32, 10)
+        if not cfg["gpu"]:
+          label = f"se_jax {name}, XLA conv + option"
+          fns[label], compile_s[label], _ = jax_train_step(
+              name, batch, 32, 10, cfg["dtype"], options=XLA_CONV_OPTION,
+              conv_impl="xla")
       if cfg["torch"]:
         net = torch_cifar_resnet(depth, se)
         params[f"PyTorch {name}"] = sum(p.numel() for p in net.parameters())
@@ -363,29 +459,27 @@ def section_cifar(cfg) -> dict:
           flush=True)
     times = time_alternating(fns, cfg["repeats"])
     rows.append({"depth": depth, "batch": batch, "times": times,
-                 "compile_s": compile_s, "params": params})
-  return {"rows": rows}
-
-
-def _copy_rate(nbytes: int, repeats: int) -> float:
-  """Bytes per second of a read-and-write pass over `nbytes` in XLA."""
-  x = jnp.ones((nbytes // 4,), jnp.float32)
-  f = jax.jit(lambda x: x * 1.5)
-  t = time_alternating({"copy": lambda: f(x).block_until_ready()},
-                       repeats)["copy"]["median_s"]
-  return 2 * x.nbytes / t
+                 "compile_s": compile_s, "params": params, "flops": flops})
+  return {"rows": rows, "matmul_flops_per_s": rate}
 
 
 def section_se_block(cfg) -> dict:
+  """The SE block alone, against the passes over memory it must make."""
   rows = []
   batch = cfg["se_batch"]
-  rate = _copy_rate(64 << 20, cfg["repeats"])
   for size, channels in ((56, 256), (28, 512), (14, 1024), (7, 2048)):
     params = se_jax.init_excite(jax.random.key(0), channels, reduction=16,
                                 rounding="timm")
     x = _jax_images(batch, size, channels, cfg["dtype"] or jnp.float32)
+    g = jnp.full((batch, channels), 0.5, jnp.float32)
     f = jax.jit(functools.partial(se_jax.squeeze_excite, params))
-    fns = {"se_jax squeeze_excite": lambda: f(x).block_until_ready()}
+    # The block must read the map to pool it, then read and write it to
+    # scale it: the same passes, alone, bound it from below.
+    pool = jax.jit(lambda x: jnp.mean(x, axis=(1, 2), dtype=jnp.float32))
+    scale = jax.jit(se_jax.scale)
+    fns = {"se_jax squeeze_excite": lambda: f(x).block_until_ready(),
+           "pooling pass": lambda: pool(x).block_until_ready(),
+           "scaling pass": lambda: scale(x, g).block_until_ready()}
     if cfg["torch"]:
       torch = _torch()
       from timm.layers import SEModule
@@ -402,13 +496,13 @@ def section_se_block(cfg) -> dict:
 
       fns["timm SEModule CL"] = run_torch
     times = time_alternating(fns, cfg["repeats"])
-    # Pooling reads the map once; scaling reads it again and writes it.
-    moved = 3 * x.nbytes
-    t = times["se_jax squeeze_excite"]["median_s"]
+    floor = (times["pooling pass"]["median_s"]
+             + times["scaling pass"]["median_s"])
     rows.append({"shape": [batch, size, size, channels], "times": times,
-                 "bytes_moved": moved, "memory_bound_s": moved / rate,
-                 "efficiency": moved / rate / t})
-  return {"copy_rate_GBps": rate / 1e9, "rows": rows}
+                 "floor_s": floor,
+                 "efficiency": floor / times["se_jax squeeze_excite"][
+                     "median_s"]})
+  return {"rows": rows}
 
 
 def peak_bytes(stats) -> int:
@@ -445,7 +539,8 @@ def section_memory(cfg) -> dict:
 
 
 def section_kernels(cfg) -> dict:
-  """Each convolution of the CIFAR ResNets, forward and both gradients."""
+  """Each convolution of the CIFAR ResNets: forward and both gradients,
+  se_jax's `conv2d` against XLA's convolution and PyTorch's."""
   batch, dtype = cfg["cifar_batch"], cfg["dtype"] or jnp.float32
   # (H, C_in, C_out, stride, count in ResNet-20)
   shapes = [(32, 3, 16, 1, 1), (32, 16, 16, 1, 6), (32, 16, 32, 2, 1),
@@ -458,24 +553,33 @@ def section_kernels(cfg) -> dict:
     x = _jax_images(batch, h, cin, dtype)
     w = jax.random.normal(k, (3, 3, cin, cout), dtype)
     dy = jax.random.normal(k, (batch, ho, ho, cout), dtype)
-    conv = functools.partial(
-        jax.lax.conv_general_dilated, window_strides=(stride, stride),
-        padding=((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    fwd = _Compiled(conv, x, w)
-    dx = _Compiled(lambda x, w, dy: jax.vjp(lambda x: conv(x, w), x)[1](dy),
-                   x, w, dy)
-    dw = _Compiled(lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy),
-                   x, w, dy)
-    fns = {"XLA forward": lambda: fwd(x, w).block_until_ready(),
-           "XLA input grad": lambda: jax.block_until_ready(dx(x, w, dy)),
-           "XLA weight grad": lambda: jax.block_until_ready(dw(x, w, dy))}
+    fns = {}
+    for label, impl in (("se_jax", "auto"), ("XLA", "xla")):
+      conv = functools.partial(conv2d, strides=(stride, stride),
+                               padding=((1, 1), (1, 1)), impl=impl)
+      fwd = _Compiled(conv, x, w)
+      dx = _Compiled(
+          lambda x, w, dy, conv=conv: jax.vjp(lambda x: conv(x, w), x)[1](dy),
+          x, w, dy)
+      dw = _Compiled(
+          lambda x, w, dy, conv=conv: jax.vjp(lambda w: conv(x, w), w)[1](dy),
+          x, w, dy)
+      fns[f"{label} forward"] = lambda f=fwd: f(x, w).block_until_ready()
+      fns[f"{label} input grad"] = (
+          lambda f=dx: jax.block_until_ready(f(x, w, dy)))
+      fns[f"{label} kernel grad"] = (
+          lambda f=dw: jax.block_until_ready(f(x, w, dy)))
     if cfg["torch"]:
       torch = _torch()
       device = _torch_device(torch)
       tdtype = torch.bfloat16 if cfg["bf16"] else torch.float32
-      xt = torch.randn(batch, cin, h, h, device=device, dtype=tdtype)
-      wt = torch.randn(cout, cin, 3, 3, device=device, dtype=tdtype)
-      dyt = torch.randn(batch, cout, ho, ho, device=device, dtype=tdtype)
+      cl = torch.channels_last
+      xt = torch.randn(batch, cin, h, h, device=device,
+                       dtype=tdtype).contiguous(memory_format=cl)
+      wt = torch.randn(cout, cin, 3, 3, device=device,
+                       dtype=tdtype).contiguous(memory_format=cl)
+      dyt = torch.randn(batch, cout, ho, ho, device=device,
+                        dtype=tdtype).contiguous(memory_format=cl)
       bwd = functools.partial(
           torch.ops.aten.convolution_backward, dyt, xt, wt, None,
           (stride, stride), (1, 1), (1, 1), False, (0, 0), 1)
@@ -488,14 +592,13 @@ def section_kernels(cfg) -> dict:
             torch.cuda.synchronize()
         return run
 
-      fns["PyTorch forward"] = sync(lambda: torch.nn.functional.conv2d(
+      fns["PyTorch CL forward"] = sync(lambda: torch.nn.functional.conv2d(
           xt, wt, stride=stride, padding=1))
-      fns["PyTorch input grad"] = sync(lambda: bwd((True, False, False)))
-      fns["PyTorch weight grad"] = sync(lambda: bwd((False, True, False)))
+      fns["PyTorch CL input grad"] = sync(lambda: bwd((True, False, False)))
+      fns["PyTorch CL kernel grad"] = sync(lambda: bwd((False, True, False)))
     times = time_alternating(fns, cfg["repeats"])
-    row = {"shape": [batch, h, h, cin, cout, stride], "count": count,
-           "times": times}
-    rows.append(row)
+    rows.append({"shape": [batch, h, h, cin, cout, stride], "count": count,
+                 "times": times})
     for name, t in times.items():
       # A network's first conv needs no input gradient.
       if h == 32 and cin == 3 and "input grad" in name:
@@ -504,52 +607,34 @@ def section_kernels(cfg) -> dict:
   return {"rows": rows, "resnet20_totals_s": totals}
 
 
-def _profile_transposes(run: Callable[[], object], steps: int = 3) -> float:
-  """Seconds per step spent in XLA's transpose fusions, from a profile."""
-  with tempfile.TemporaryDirectory() as d:
-    with jax.profiler.trace(d, create_perfetto_trace=True):
-      for _ in range(steps):
-        run()
-    path = glob.glob(os.path.join(d, "**", "*perfetto_trace.json.gz"),
-                     recursive=True)[0]
-    with gzip.open(path) as f:
-      trace = json.load(f)
-  events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  total = sum(e["dur"] for e in events if e.get("ph") == "X"
-              and re.match(r"transpose\w*fusion", e["name"]))
-  return total / 1e6 / steps
-
-
 def section_tuning(cfg) -> dict:
+  """What se_jax's measures buy, each switched by an explicit argument."""
   name, batch = "cifar_se_resnet20", cfg["cifar_batch"]
-  fns = {}
-  fns["se_jax"], _, _ = jax_train_step(name, batch, 32, 10, cfg["dtype"])
-  fns["XLA default options"], _, _ = jax_train_step(
-      name, batch, 32, 10, cfg["dtype"], options={})
-  with mock.patch.object(conv_lib, "_materialized", lambda x: x):
-    fns["without saved conv inputs"], _, _ = jax_train_step(
-        name, batch, 32, 10, cfg["dtype"])
-  fns["BN apart from SE"], _, _ = jax_train_step(
-      name, batch, 32, 10, cfg["dtype"], fold_norm=False)
+  variants = {
+      "default": ({}, None),
+      "conv_impl='xla'": (dict(conv_impl="xla"), None),
+      "conv_impl='xla' + XLA conv option": (dict(conv_impl="xla"),
+                                            XLA_CONV_OPTION),
+      "fold_norm=False": (dict(fold_norm=False), None),
+  }
+  fns = {k: jax_train_step(name, batch, 32, 10, cfg["dtype"], options=o,
+                           **m)[0] for k, (m, o) in variants.items()}
   print("[tuning] CIFAR SE-ResNet-20 variants", file=sys.stderr, flush=True)
   times = time_alternating(fns, cfg["repeats"])
-  transposes = {k: _profile_transposes(fns[k])
-                for k in ("se_jax", "without saved conv inputs")}
   # What folding the last BN into the SE block buys, in the deepest net.
   depth = max(cfg["cifar_depths"])
   plain, se = f"cifar_resnet{depth}", f"cifar_se_resnet{depth}"
-  steps = {plain: jax_train_step(plain, batch, 32, 10, cfg["dtype"]),
-           se: jax_train_step(se, batch, 32, 10, cfg["dtype"])}
-  steps[f"{se}, BN apart from SE"] = jax_train_step(
-      se, batch, 32, 10, cfg["dtype"], fold_norm=False)
+  runs = {plain: jax_train_step(plain, batch, 32, 10, cfg["dtype"]),
+          se: jax_train_step(se, batch, 32, 10, cfg["dtype"]),
+          f"{se}, fold_norm=False": jax_train_step(
+              se, batch, 32, 10, cfg["dtype"], fold_norm=False)}
   print(f"[tuning] CIFAR ResNet-{depth}, BN folded into SE or apart",
         file=sys.stderr, flush=True)
-  fold_times = time_alternating({k: v[0] for k, v in steps.items()},
+  fold_times = time_alternating({k: v[0] for k, v in runs.items()},
                                 cfg["repeats"])
   fold_peak = {k: peak_bytes(v[2].compiled.memory_analysis())
-               for k, v in steps.items()}
+               for k, v in runs.items()}
   return {"model": name, "batch": batch, "times": times,
-          "transpose_s_per_step": transposes,
           "fold": {"depth": depth, "plain": plain, "se": se,
                    "times": fold_times, "peak_bytes": fold_peak}}
 
@@ -594,6 +679,10 @@ def _ratio(times, a, b):
   return times[a]["median_s"] / times[b]["median_s"]
 
 
+def _fastest(times: dict, keys) -> float:
+  return min(times[k]["median_s"] for k in keys if k in times)
+
+
 def check_targets(results: dict, cfg: dict) -> list[dict]:
   """Each target of the issue with its measured values, met or not."""
   checks = []
@@ -608,34 +697,44 @@ def check_targets(results: dict, cfg: dict) -> list[dict]:
                    "met": bool(ok)})
 
   for row in results.get("inference", {}).get("rows", []):
-    t = row["times"]
-    add("se_overhead_inference",
-        _ratio(t, "se_jax se_resnet50", "se_jax resnet50"),
-        f"ResNet-50, batch {row['batch']}")
-    for layout in ("", " CL"):
-      key = f"timm se_resnet50{layout}"
-      if key in t:
-        add("speed_vs_timm_inference", _ratio(t, key, "se_jax se_resnet50"),
-            f"batch {row['batch']}, timm "
-            + ("channels_last" if layout else "default layout"))
+    t, b = row["times"], row["batch"]
+    se = "se_jax se_resnet50"
+    other = [k for k in t if k.startswith(se)]
+    if len(other) > 1:
+      add("default_within_fastest_inference",
+          t[se]["median_s"] / _fastest(t, other), f"SE-ResNet-50, batch {b}")
+    add("se_overhead_inference", _ratio(t, se, "se_jax resnet50"),
+        f"ResNet-50, batch {b}")
+    if "timm se_resnet50 CL" in t:
+      add("speed_vs_timm_inference", _ratio(t, "timm se_resnet50 CL", se),
+          f"batch {b}")
   if "train" in results:
     t = results["train"]["times"]
     add("se_overhead_train",
         _ratio(t, "se_jax se_resnet50", "se_jax resnet50"),
         f"ResNet-50, batch {results['train']['batch']}")
+  rate = results.get("cifar", {}).get("matmul_flops_per_s")
   for row in results.get("cifar", {}).get("rows", []):
-    t, d = row["times"], row["depth"]
-    add("se_overhead_train",
-        _ratio(t, f"se_jax cifar_se_resnet{d}", f"se_jax cifar_resnet{d}"),
-        f"CIFAR ResNet-{d}, batch {row['batch']}")
-    if d == 20:
-      for layout in ("", " CL"):
-        key = f"PyTorch cifar_se_resnet20{layout}"
-        if key in t:
-          add("speed_vs_torch_cifar",
-              _ratio(t, key, "se_jax cifar_se_resnet20"),
-              f"batch {row['batch']}, PyTorch "
-              + ("channels_last" if layout else "default layout"))
+    t, d, b = row["times"], row["depth"], row["batch"]
+    se = f"se_jax cifar_se_resnet{d}"
+    variants = [k for k in t if k.startswith(se)]
+    for k in variants:
+      if k.endswith("option"):
+        continue
+      add("default_within_fastest_train",
+          t[k]["median_s"] / _fastest(t, variants),
+          f"CIFAR SE-ResNet-{d}, batch {b}, "
+          + ("README path" if k.endswith("README path") else "trainer step"))
+    add("se_overhead_train", _ratio(t, se, f"se_jax cifar_resnet{d}"),
+        f"CIFAR ResNet-{d}, batch {b}")
+    key = f"PyTorch cifar_se_resnet{d} CL"
+    if key in t:
+      add("speed_vs_torch_cifar", _ratio(t, key, se),
+          f"SE-ResNet-{d}, batch {b}")
+    if rate:
+      achieved = row["flops"][f"cifar_se_resnet{d}"] / t[se]["median_s"]
+      add("peak_fraction_cifar", achieved / rate,
+          f"SE-ResNet-{d}: {achieved / 1e9:.1f} of {rate / 1e9:.1f} GFLOP/s")
   for row in results.get("memory", {}).get("rows", []):
     add("memory_se_over_plain", row["ratio"],
         f"{row['plain']}, batch {row['batch']}")
@@ -646,74 +745,100 @@ def _ms(t):
   return f"{1e3 * t['median_s']:.1f}"
 
 
-def _times_table(times: dict, batch: int, baseline: str | None = None):
+def _times_table(times: dict, batch: int, baseline: str | None = None,
+                 flops: dict | None = None):
   head = "| program | median ms | img/s |" + (
-      f" vs {baseline} |" if baseline else "")
-  out = [head, "|---|---|---|" + ("---|" if baseline else "")]
+      f" vs {baseline} |" if baseline else "") + (
+      " GFLOP/s |" if flops else "")
+  out = [head, "|---|---|---|" + ("---|" if baseline else "")
+         + ("---|" if flops else "")]
   for k, t in times.items():
     line = f"| {k} | {_ms(t)} | {batch / t['median_s']:.1f} |"
     if baseline:
       line += f" {times[baseline]['median_s'] / t['median_s']:.2f}x |"
+    if flops:
+      name = next((n for n in sorted(flops, key=len, reverse=True)
+                   if n in k), None)
+      line += (f" {flops[name] / t['median_s'] / 1e9:.1f} |" if name
+               else " |")
     out.append(line)
   return out
+
+
+def se_input_bytes(name: str, batch: int, size: int,
+                   itemsize: int = 4) -> int:
+  """Bytes of all the maps the SE blocks of ImageNet network `name` read,
+  for one batch: what the squeeze reads in a pass the plain network does
+  not make. Each stage's maps are ``size / 4`` (after the stem) halved per
+  stage, with the units' output channels."""
+  model = nnx.eval_shape(lambda: create(name))
+  total = 0
+  for i, stage in enumerate(model.stages):
+    side = size // 4 // 2 ** i
+    for unit in stage:
+      if unit.attn is not None:
+        total += batch * side * side * unit.out_channels
+  return itemsize * total
 
 
 def evidence(results: dict) -> list[str]:
   """What bounds the measured ratios, in words from the numbers."""
   lines = []
   k = results.get("kernels")
-  if k and "PyTorch forward" in k["resnet20_totals_s"]:
+  if k and "PyTorch CL forward" in k["resnet20_totals_s"]:
     tot = k["resnet20_totals_s"]
+    ours = sum(v for n, v in tot.items() if n.startswith("se_jax"))
     xla = sum(v for n, v in tot.items() if n.startswith("XLA"))
     pt = sum(v for n, v in tot.items() if n.startswith("PyTorch"))
     parts = ", ".join(
-        f"{what} {1e3 * tot['XLA ' + what]:.0f} vs"
-        f" {1e3 * tot['PyTorch ' + what]:.0f} ms"
-        for what in ("forward", "input grad", "weight grad"))
+        f"{what} {1e3 * tot['se_jax ' + what]:.0f} vs"
+        f" {1e3 * tot['PyTorch CL ' + what]:.0f} ms"
+        for what in ("forward", "input grad", "kernel grad"))
     lines.append(
         f"The convolutions of one ResNet-20 training step alone take"
-        f" {1e3 * xla:.0f} ms in XLA and {1e3 * pt:.0f} ms in PyTorch"
-        f" ({parts}): XLA's CPU convolution kernels run at"
-        f" {pt / xla:.2f}x PyTorch's speed, which bounds the whole step.")
+        f" {1e3 * ours:.0f} ms in se_jax ({1e3 * xla:.0f} ms with XLA's"
+        f" convolution in its default pipeline) and {1e3 * pt:.0f} ms in"
+        f" PyTorch channels_last ({parts}): the best convolution kernels"
+        f" XLA:CPU offers (Eigen's) run at {pt / ours:.2f}x the speed of"
+        " PyTorch's oneDNN kernels, which bounds the whole step.")
   c = results.get("cifar")
   if c and k:
-    row = next(r for r in c["rows"] if r["depth"] == 20)
-    t = row["times"]
-    if "PyTorch cifar_se_resnet20" in t:
-      step = t["se_jax cifar_se_resnet20"]["median_s"]
+    row = next((r for r in c["rows"] if r["depth"] == 20), None)
+    if row is not None:
+      step = row["times"]["se_jax cifar_se_resnet20"]["median_s"]
       conv = sum(v for n, v in k["resnet20_totals_s"].items()
-                 if n.startswith("XLA"))
+                 if n.startswith("se_jax"))
       lines.append(
           f"In se_jax's SE-ResNet-20 step ({1e3 * step:.0f} ms) the"
           f" convolutions measured alone account for {1e3 * conv:.0f} ms;"
-          f" the other {1e3 * (step - conv):.0f} ms are BatchNorm, ReLU, SE,"
-          " the layout transposes of the weight gradients and the update.")
+          f" the other {1e3 * max(step - conv, 0):.0f} ms are BatchNorm,"
+          " ReLU, SE, the layout changes of the kernel gradients and the"
+          " update.")
   tu = results.get("tuning")
   if tu:
     t = tu["times"]
-    tr = tu["transpose_s_per_step"]
     lines.append(
-        f"The CPU measures of se_jax, measured in the same run:"
-        f" with XLA's default options the step takes"
-        f" {_ratio(t, 'XLA default options', 'se_jax'):.2f}x as long"
-        f" (YNNPACK convolutions), and without the saved convolution inputs"
-        f" {_ratio(t, 'without saved conv inputs', 'se_jax'):.2f}x as long;"
-        f" a profile puts {1e3 * tr['without saved conv inputs']:.0f} ms of"
-        f" that step in transpose fusions, against"
-        f" {1e3 * tr['se_jax']:.0f} ms with them.")
-  fold = (tu or {}).get("fold")
-  if fold:
-    t, m = fold["times"], fold["peak_bytes"]
-    se, plain = fold["se"], fold["plain"]
-    apart = f"{se}, BN apart from SE"
-    lines.append(
-        f"Folding each unit's last BN into its SE block"
-        f" (`SqueezeExcite.affine_call`, whose gradient needs only the"
-        f" BN's input): the CIFAR SE-ResNet-{fold['depth']} step takes"
-        f" {_ms(t[se])} ms against {_ms(t[apart])} ms with the BN apart,"
-        f" SE / plain time {_ratio(t, se, plain):.3f} against"
-        f" {_ratio(t, apart, plain):.3f}, and SE / plain peak memory"
-        f" {m[se] / m[plain]:.3f} against {m[apart] / m[plain]:.3f}.")
+        "se_jax's measures, each switched off in the same run: with XLA's"
+        " convolutions (`conv_impl='xla'`, YNNPACK in XLA's default"
+        f" pipeline) the SE-ResNet-20 step takes"
+        f" {_ratio(t, 'conv_impl=' + repr('xla'), 'default'):.2f}x as long;"
+        " with XLA's convolutions and the compiler option that keeps them"
+        " off YNNPACK, which a user would have to know to pass,"
+        f" {_ratio(t, 'conv_impl=' + repr('xla') + ' + XLA conv option', 'default'):.2f}x;"
+        " with the last BN kept apart from SE (`fold_norm=False`),"
+        f" {_ratio(t, 'fold_norm=False', 'default'):.2f}x.")
+    fold = tu.get("fold")
+    if fold:
+      t, m = fold["times"], fold["peak_bytes"]
+      se, plain = fold["se"], fold["plain"]
+      apart = f"{se}, fold_norm=False"
+      lines.append(
+          f"Folding each unit's last BN into its SE block: the CIFAR"
+          f" SE-ResNet-{fold['depth']} step takes {_ms(t[se])} ms against"
+          f" {_ms(t[apart])} ms with the BN apart, SE / plain time"
+          f" {_ratio(t, se, plain):.3f} against {_ratio(t, apart, plain):.3f},"
+          f" and SE / plain peak memory {m[se] / m[plain]:.3f} against"
+          f" {m[apart] / m[plain]:.3f}.")
   lines.extend(_inference_evidence(results))
   torch_se = _torch_se_overheads(results)
   if torch_se:
@@ -723,48 +848,43 @@ def evidence(results: dict) -> list[str]:
   return lines
 
 
-def se_input_bytes(name: str, batch: int, size: int,
-                   itemsize: int = 4) -> int:
-  """Bytes of all the maps the SE blocks of `name` read, for one batch:
-  what the squeeze reads in a pass the plain network does not make."""
-  elements = []
-  folded = primitives.squeeze_excite_affine
-
-  def record(params, x, *args, **kwargs):
-    elements.append(x.size)
-    return folded(params, x, *args, **kwargs)
-
-  model = create(name)
-  model.eval()
-  with mock.patch.object(primitives, "squeeze_excite_affine", record):
-    jax.eval_shape(model, jax.ShapeDtypeStruct((batch, size, size, 3),
-                                               jnp.float32))
-  return itemsize * sum(elements)
-
-
 def _inference_evidence(results: dict) -> list[str]:
   lines = []
   rows = results.get("inference", {}).get("rows", [])
-  rate = results.get("se_block", {}).get("copy_rate_GBps")
-  if rows and rate:
+  blocks = results.get("se_block", {}).get("rows", [])
+  if rows and blocks:
     row = rows[-1]
     t, b = row["times"], row["batch"]
     extra = (t["se_jax se_resnet50"]["median_s"]
              - t["se_jax resnet50"]["median_s"])
+    # The pooling pass's measured rate over the SE blocks' maps.
+    moved = sum(4 * np.prod(r["shape"]) for r in blocks)
+    pooled = sum(r["times"]["pooling pass"]["median_s"] for r in blocks)
     nbytes = se_input_bytes("se_resnet50", b, 224)
-    pass_s = nbytes / (rate * 1e9)
+    pass_s = nbytes * pooled / moved
     lines.append(
         f"SE-ResNet-50 inference at batch {b} takes {1e3 * extra:.0f} ms"
         f" more than ResNet-50 (SE / plain"
         f" {_ratio(t, 'se_jax se_resnet50', 'se_jax resnet50'):.3f}). With"
         f" the BN folded in, the SE blocks add one pass over their input"
         f" maps to the plain network's work, the squeeze: {nbytes / 1e6:.0f}"
-        f" MB, {1e3 * pass_s:.0f} ms at the measured {rate:.1f} GB/s,"
-        f" besides the small FC layers. The extra time is"
-        + (" within" if extra <= pass_s else
-           f" {extra / pass_s:.1f}x")
+        f" MB, {1e3 * pass_s:.0f} ms at the pooling rate measured in the"
+        " SE-block section, besides the small FC layers. The extra time is"
+        + (" within" if extra <= pass_s else f" {extra / pass_s:.1f}x")
         + " the cost of that pass, which only fusing the pooling into the"
         " convolution that produces the map would save.")
+  for row in rows:
+    t = row["times"]
+    if row["batch"] == 1 and _ratio(t, "se_jax se_resnet50",
+                                    "se_jax resnet50") < 1.0:
+      lines.append(
+          "At batch 1 SE-ResNet-50 runs faster than ResNet-50 in this run"
+          f" (SE / plain {_ratio(t, 'se_jax se_resnet50', 'se_jax resnet50'):.3f})."
+          " The two programs differ only by the SE blocks, which add work;"
+          " at batch 1 a forward pass is a chain of small, latency-bound"
+          " kernels whose scheduling on two cores (which independent"
+          " operations XLA's runtime overlaps) differs between the two"
+          " compiled programs, by more than the SE blocks cost.")
   cl = [(row["batch"], _ratio(row["times"], "timm resnet50 CL",
                               "se_jax resnet50"),
          _ratio(row["times"], "timm se_resnet50 CL", "se_jax se_resnet50"))
@@ -812,7 +932,9 @@ def to_markdown(results: dict, checks: list[dict], prov: dict,
       f"PyTorch {prov['versions'].get('torch', 'absent')}, timm"
       f" {prov['versions'].get('timm', 'absent')}. Medians of"
       f" {cfg['repeats']} timed calls per program, the programs' calls"
-      " alternating, after warm-up; compilation timed apart."
+      " alternating, after warm-up; compilation timed apart. se_jax's"
+      " programs are plain `jax.jit`s with no compiler option unless a row"
+      " says otherwise."
       + (" bfloat16 compute." if cfg["bf16"] else " float32.")
       + " `CL`: PyTorch in channels_last.\n")
   out.append("## Targets\n")
@@ -844,9 +966,17 @@ def to_markdown(results: dict, checks: list[dict], prov: dict,
                f" {r['batch']}\n")
     out.append("Compile: " + ", ".join(
         f"{k} {v:.1f} s" for k, v in r["compile_s"].items()) + "\n")
-    out.extend(_times_table(r["times"], r["batch"], "se_jax se_resnet50"))
+    out.extend(_times_table(r["times"], r["batch"], "se_jax se_resnet50",
+                            r.get("flops")))
     out.append("")
   if "cifar" in results:
+    rate = results["cifar"].get("matmul_flops_per_s")
+    if rate:
+      out.append(
+          f"The machine's matrix product rate, a 2048 x 2048 float32 product"
+          f" in XLA in the same run: {rate / 1e9:.1f} GFLOP/s. A training"
+          " step's FLOPs are counted as 6 per multiply-add of its forward"
+          " pass (`se_jax.count_flops`, padding included).\n")
     for row in results["cifar"]["rows"]:
       d = row["depth"]
       out.append(f"## Training step, CIFAR ResNet-{d} +/- SE, batch"
@@ -856,27 +986,27 @@ def to_markdown(results: dict, checks: list[dict], prov: dict,
           + ", ".join(f"{k} {v:.1f} s" for k, v in row["compile_s"].items())
           + "\n")
       out.extend(_times_table(row["times"], row["batch"],
-                              f"se_jax cifar_se_resnet{d}"))
+                              f"se_jax cifar_se_resnet{d}", row["flops"]))
       out.append("")
   if "se_block" in results:
-    s = results["se_block"]
     out.append("## The SE block alone\n")
     out.append(
-        f"`se_jax.squeeze_excite` on the maps of each ResNet-50 stage."
-        f" Measured read-and-write rate of XLA on this machine:"
-        f" {s['copy_rate_GBps']:.1f} GB/s. The block must read its input"
-        " twice and write it once; the memory-bound time is those bytes at"
-        " that rate.\n")
-    out.append("| map (NHWC) | se_jax ms | timm SEModule CL ms | bytes moved"
-               " | memory-bound ms | efficiency |\n|---|---|---|---|---|---|")
-    for r in s["rows"]:
+        "`se_jax.squeeze_excite` on the maps of each ResNet-50 stage. The"
+        " block must pool its input (one read) and scale it (a read and a"
+        " write); the same two passes alone, a mean over the map and a"
+        " multiplication by per-channel gates, measured in the same run,"
+        " bound it from below. Efficiency: that bound over the block's"
+        " time.\n")
+    out.append("| map (NHWC) | se_jax ms | timm SEModule CL ms | pooling pass"
+               " ms | scaling pass ms | efficiency |\n|---|---|---|---|---|---|")
+    for r in results["se_block"]["rows"]:
       t = r["times"]
       timm_ms = _ms(t["timm SEModule CL"]) if "timm SEModule CL" in t else "-"
       out.append(
           f"| {'x'.join(map(str, r['shape']))} |"
           f" {_ms(t['se_jax squeeze_excite'])} | {timm_ms} |"
-          f" {r['bytes_moved'] / 1e6:.1f} MB |"
-          f" {1e3 * r['memory_bound_s']:.2f} | {100 * r['efficiency']:.0f}% |")
+          f" {_ms(t['pooling pass'])} | {_ms(t['scaling pass'])} |"
+          f" {100 * r['efficiency']:.0f}% |")
     out.append("")
   if "memory" in results:
     out.append("## Peak memory of a training step (XLA's buffer"
@@ -899,6 +1029,9 @@ def to_markdown(results: dict, checks: list[dict], prov: dict,
   if "kernels" in results:
     k = results["kernels"]
     out.append("## The convolutions of the CIFAR ResNets alone\n")
+    out.append("`se_jax`: `se_jax.conv.conv2d` as the models use it; `XLA`:"
+               " XLA's convolution in its default pipeline"
+               " (`conv_impl='xla'`).\n")
     names = list(k["rows"][0]["times"])
     out.append("| N, H, W, C_in, C_out, stride | x in ResNet-20 | " + " | ".join(
         f"{n} ms" for n in names) + " |\n|---|---|" + "---|" * len(names))
@@ -912,9 +1045,9 @@ def to_markdown(results: dict, checks: list[dict], prov: dict,
                " training does not compute.\n")
   if "tuning" in results:
     tu = results["tuning"]
-    out.append(f"## What the CPU measures buy: `{tu['model']}`, batch"
+    out.append(f"## What se_jax's measures buy: `{tu['model']}`, batch"
                f" {tu['batch']}\n")
-    out.extend(_times_table(tu["times"], tu["batch"], "se_jax"))
+    out.extend(_times_table(tu["times"], tu["batch"], "default"))
     out.append("")
     fold = tu.get("fold")
     if fold:
@@ -923,11 +1056,46 @@ def to_markdown(results: dict, checks: list[dict], prov: dict,
       out.append("| program | median ms | vs plain | peak MB | vs plain |\n"
                  "|---|---|---|---|---|")
       t, m = fold["times"], fold["peak_bytes"]
-      for k in t:
-        out.append(f"| {k} | {_ms(t[k])} | {_ratio(t, k, fold['plain']):.3f}"
-                   f" | {m[k] / 1e6:.1f} | {m[k] / m[fold['plain']]:.3f} |")
+      for key in t:
+        out.append(f"| {key} | {_ms(t[key])} |"
+                   f" {_ratio(t, key, fold['plain']):.3f} |"
+                   f" {m[key] / 1e6:.1f} | {m[key] / m[fold['plain']]:.3f} |")
       out.append("")
   return "\n".join(out) + "\n"
+
+
+_README_START = "<!-- benchmark summary: written by python -m"
+_README_END = "<!-- end of benchmark summary -->"
+
+
+def readme_summary(results: dict, checks: list[dict], prov: dict) -> str:
+  """The README's performance paragraph, from the measurements."""
+  met = [c for c in checks if c["met"]]
+  lines = [
+      f"{_README_START} experiments.benchmark --update-readme -->",
+      f"On {prov['machine']} ({prov['date']}, commit {prov['commit']}),"
+      f" {len(met)} of {len(checks)} target checks are met;"
+      " [experiments/results/benchmark.md](experiments/results/benchmark.md)"
+      " has every number and what bounds each miss.", ""]
+  for c in checks:
+    sign = "<=" if c["direction"] == "max" else ">="
+    lines.append(f"- {c['what']}, {c['where']}: {c['value']:.3f}"
+                 f" ({sign} {c['limit']}: {'met' if c['met'] else 'missed'})")
+  lines.append(_README_END)
+  return "\n".join(lines)
+
+
+def update_readme(summary: str, path: str) -> bool:
+  """Replaces the summary between the markers in README.md; False if the
+  README has no markers."""
+  with open(path) as f:
+    text = f.read()
+  pattern = re.compile(re.escape(_README_START) + r".*?"
+                       + re.escape(_README_END), re.S)
+  if not pattern.search(text):
+    return False
+  files.write_atomic(path, pattern.sub(lambda _: summary, text))
+  return True
 
 
 def main(argv=None) -> dict:
@@ -948,9 +1116,12 @@ def main(argv=None) -> dict:
   p.add_argument("--report-only", action="store_true",
                  help="measure nothing: write benchmark.md again from the"
                       " measurements in OUT_DIR/benchmark.json")
+  p.add_argument("--update-readme", action="store_true",
+                 help="write the summary into README.md's performance"
+                      " section")
   args = p.parse_args(argv)
   if args.report_only:
-    return rewrite_report(args.out_dir)
+    return rewrite_report(args.out_dir, args.update_readme)
   sections = [s for s in args.sections.split(",") if s]
   unknown = sorted(set(sections) - set(SECTIONS))
   if unknown:
@@ -973,17 +1144,27 @@ def main(argv=None) -> dict:
   serializable = {k: v for k, v in cfg.items() if k != "dtype"}
   serializable["dtype"] = "bfloat16" if cfg["bf16"] else "float32"
   os.makedirs(args.out_dir, exist_ok=True)
+  md = to_markdown(results, checks, prov, cfg)
   files.write_json(os.path.join(args.out_dir, "benchmark.json"), {
       "provenance": prov, "config": serializable, "results": results,
       "targets": checks, "evidence": evidence(results),
       "wall_seconds": time.perf_counter() - t0})
-  md = to_markdown(results, checks, prov, cfg)
   files.write_atomic(os.path.join(args.out_dir, "benchmark.md"), md)
+  if args.update_readme:
+    _write_readme(results, checks, prov)
   print(md)
   return {"results": results, "targets": checks}
 
 
-def rewrite_report(out_dir: str) -> dict:
+def _write_readme(results, checks, prov) -> None:
+  path = os.path.join(_ROOT, "README.md")
+  if not update_readme(readme_summary(results, checks, prov), path):
+    raise SystemExit(
+        f"--update-readme: {path} has no benchmark summary markers"
+        f" ({_README_START!r} ... {_README_END!r}).")
+
+
+def rewrite_report(out_dir: str, readme: bool = False) -> dict:
   """benchmark.md (and the targets and evidence of benchmark.json) from the
   measurements already in benchmark.json, with the measuring run's
   provenance and a line naming the commit that wrote the text."""
@@ -1004,6 +1185,8 @@ def rewrite_report(out_dir: str) -> dict:
                report_commit=commit)
   files.write_json(path, saved)
   files.write_atomic(os.path.join(out_dir, "benchmark.md"), md)
+  if readme:
+    _write_readme(results, checks, prov)
   print(md)
   return {"results": results, "targets": checks}
 

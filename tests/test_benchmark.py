@@ -30,12 +30,18 @@ def test_targets_are_checked_from_the_measured_ratios():
   results = {
       "inference": {"rows": [{"batch": 8, "times": {
           "se_jax resnet50": _t(100), "se_jax se_resnet50": _t(101),
+          "se_jax se_resnet50, XLA conv + option": _t(98),
           "timm se_resnet50": _t(120), "timm se_resnet50 CL": _t(100)},
           "compile_s": {}}]},
-      "cifar": {"rows": [{"depth": 20, "batch": 128, "times": {
-          "se_jax cifar_resnet20": _t(100),
-          "se_jax cifar_se_resnet20": _t(110),
-          "PyTorch cifar_se_resnet20": _t(99)},
+      "cifar": {"matmul_flops_per_s": 100e9, "rows": [{
+          "depth": 20, "batch": 128, "times": {
+              "se_jax cifar_resnet20": _t(100),
+              "se_jax cifar_se_resnet20": _t(110),
+              "se_jax cifar_se_resnet20, README path": _t(121),
+              "se_jax cifar_se_resnet20, XLA conv + option": _t(104.5),
+              "PyTorch cifar_se_resnet20": _t(99),
+              "PyTorch cifar_se_resnet20 CL": _t(88)},
+          "flops": {"cifar_se_resnet20": 4.4e9, "cifar_resnet20": 4.3e9},
           "compile_s": {}, "params": {}}]},
       "memory": {"rows": [{
           "plain": "resnet50", "se": "se_resnet50", "batch": 8,
@@ -46,14 +52,18 @@ def test_targets_are_checked_from_the_measured_ratios():
   got = {(c["target"], c["where"]): (round(c["value"], 3), c["met"])
          for c in checks}
   assert got == {
+      ("default_within_fastest_inference", "SE-ResNet-50, batch 8"):
+          (1.031, True),
       ("se_overhead_inference", "ResNet-50, batch 8"): (1.01, True),
-      ("speed_vs_timm_inference", "batch 8, timm default layout"):
-          (1.188, True),
-      ("speed_vs_timm_inference", "batch 8, timm channels_last"):
-          (0.99, False),
+      ("speed_vs_timm_inference", "batch 8"): (0.99, False),
+      ("default_within_fastest_train",
+       "CIFAR SE-ResNet-20, batch 128, trainer step"): (1.053, False),
+      ("default_within_fastest_train",
+       "CIFAR SE-ResNet-20, batch 128, README path"): (1.158, False),
       ("se_overhead_train", "CIFAR ResNet-20, batch 128"): (1.1, False),
-      ("speed_vs_torch_cifar", "batch 128, PyTorch default layout"):
-          (0.9, False),
+      ("speed_vs_torch_cifar", "SE-ResNet-20, batch 128"): (0.8, False),
+      ("peak_fraction_cifar", "SE-ResNet-20: 40.0 of 100.0 GFLOP/s"):
+          (0.4, False),
       ("memory_se_over_plain", "resnet50, batch 8"): (1.08, False),
   }
   md = benchmark.to_markdown(results, checks, {
@@ -61,6 +71,7 @@ def test_targets_are_checked_from_the_measured_ratios():
       "devices": "1 x cpu", "versions": {"jax": "j", "flax": "f"}},
       {"repeats": 1, "bf16": False})
   assert "| no (misses by 10.0%) |" in md
+  assert "2048 x 2048 float32 product in XLA in the same run: 100.0" in md
 
 
 def test_peak_memory_counts_arguments_outputs_and_temporaries():
@@ -86,40 +97,73 @@ def test_se_input_bytes_counts_every_se_blocks_map():
 def test_evidence_names_what_bounds_the_step():
   results = {
       "kernels": {"resnet20_totals_s": {
-          "XLA forward": 0.1, "XLA input grad": 0.1, "XLA weight grad": 0.2,
-          "PyTorch forward": 0.1, "PyTorch input grad": 0.1,
-          "PyTorch weight grad": 0.1}},
-      "tuning": {"times": {"se_jax": _t(400),
-                           "XLA default options": _t(800),
-                           "without saved conv inputs": _t(600)},
-                 "transpose_s_per_step": {"se_jax": 0.03,
-                                          "without saved conv inputs": 0.3},
+          "se_jax forward": 0.1, "se_jax input grad": 0.1,
+          "se_jax kernel grad": 0.2, "XLA forward": 0.2,
+          "XLA input grad": 0.1, "XLA kernel grad": 0.5,
+          "PyTorch CL forward": 0.1, "PyTorch CL input grad": 0.1,
+          "PyTorch CL kernel grad": 0.1}},
+      "cifar": {"rows": [{"depth": 20, "times": {
+          "se_jax cifar_se_resnet20": _t(600)}}]},
+      "tuning": {"times": {"default": _t(400),
+                           "conv_impl='xla'": _t(800),
+                           "conv_impl='xla' + XLA conv option": _t(380),
+                           "fold_norm=False": _t(420)},
                  "fold": {"depth": 110, "plain": "p", "se": "s",
                           "times": {"p": _t(1000), "s": _t(1010),
-                                    "s, BN apart from SE": _t(1200)},
+                                    "s, fold_norm=False": _t(1200)},
                           "peak_bytes": {"p": 100, "s": 101,
-                                         "s, BN apart from SE": 120}}},
+                                         "s, fold_norm=False": 120}}},
       "inference": {"rows": [{"batch": 1, "times": {
-          "se_jax resnet50": _t(100), "se_jax se_resnet50": _t(110),
+          "se_jax resnet50": _t(100), "se_jax se_resnet50": _t(95),
           "timm resnet50 CL": _t(90), "timm se_resnet50 CL": _t(110)}}]},
-      "se_block": {"copy_rate_GBps": 2.2076160},
+      "se_block": {"rows": [{"shape": [1, 100, 100, 100], "times": {
+          "pooling pass": _t(2)}}]},
       "train": {"batch": 8, "times": {
           "timm resnet50": _t(100), "timm se_resnet50": _t(110),
           "timm resnet50 CL": _t(100), "timm se_resnet50 CL": _t(120)}},
   }
   text = " ".join(benchmark.evidence(results))
-  assert "400 ms in XLA and 300 ms in PyTorch" in text
-  assert "weight grad 200 vs 100 ms" in text and "0.75x" in text
-  assert "2.00x as long" in text and "1.50x as long" in text
-  assert "300 ms of that step in transpose fusions, against 30 ms" in text
+  assert "400 ms in se_jax (800 ms with XLA's convolution" in text
+  assert "300 ms in PyTorch channels_last" in text
+  assert "kernel grad 200 vs 100 ms" in text and "0.75x the speed" in text
+  assert "the convolutions measured alone account for 400 ms" in text
+  assert "(`conv_impl='xla'`, YNNPACK" in text and "2.00x as long" in text
+  assert "pass, 0.95x;" in text and "(`fold_norm=False`), 1.05x" in text
   assert ("SE-ResNet-110 step takes 1010.0 ms against 1200.0 ms with the BN"
           " apart, SE / plain time 1.010 against 1.200, and SE / plain peak"
           " memory 1.010 against 1.200") in text
   assert "ResNet-50 training, batch 8 1.10x, 1.20x CL" in text
-  # 22,076,160 bytes of SE inputs per image: 10 ms at 2.2 GB/s.
-  assert "takes 10 ms more than ResNet-50" in text
-  assert "22 MB, 10 ms at the measured 2.2 GB/s" in text
-  assert "without SE and with SE, by batch: 1: 0.90 and 1.00." in text
+  # 22,076,160 bytes of SE inputs per image, pooled at 4e6 bytes in 2 ms.
+  assert "takes -5 ms more than ResNet-50" in text
+  assert "22 MB, 11 ms at the pooling rate" in text
+  assert "At batch 1 SE-ResNet-50 runs faster than ResNet-50" in text
+  assert "without SE and with SE, by batch: 1: 0.90 and 1.16." in text
+
+
+def test_the_benchmark_times_the_trainers_step():
+  from experiments import steps, trainer
+  assert trainer.make_train_step is steps.make_train_step
+  assert benchmark.steps is steps
+  run, _, _ = benchmark.jax_train_step("cifar_resnet20", 4, 16, 10, None,
+                                       stage_sizes=(1, 1, 1))
+  run()
+
+
+def test_readme_summary_replaces_only_its_section(tmp_path):
+  readme = tmp_path / "README.md"
+  before, after = "# t\n\ntext before\n", "\n## next\n"
+  readme.write_text(before + benchmark._README_START + " x -->\nold\n"
+                    + benchmark._README_END + after)
+  checks = [{"what": "w", "where": "here", "value": 1.234, "limit": 1.0,
+             "direction": "max", "met": False}]
+  prov = {"machine": "m", "date": "d", "commit": "c"}
+  summary = benchmark.readme_summary({}, checks, prov)
+  assert benchmark.update_readme(summary, str(readme))
+  text = readme.read_text()
+  assert text.startswith(before) and text.endswith(after)
+  assert "- w, here: 1.234 (<= 1.0: missed)" in text and "old" not in text
+  (tmp_path / "plain.md").write_text("no markers")
+  assert not benchmark.update_readme(summary, str(tmp_path / "plain.md"))
 
 
 def test_quick_run_writes_the_report(tmp_path):
@@ -130,8 +174,7 @@ def test_quick_run_writes_the_report(tmp_path):
   (mem,) = saved["results"]["memory"]["rows"]
   assert mem["plain"] == "cifar_resnet20" and mem["ratio"] > 1.0
   for row in saved["results"]["se_block"]["rows"]:
-    assert row["bytes_moved"] == 3 * 4 * row["shape"][0] * row["shape"][1] \
-        * row["shape"][2] * row["shape"][3]
+    assert row["floor_s"] > 0 and row["efficiency"] > 0
   assert "## The SE block alone" in (tmp_path / "benchmark.md").read_text()
   # The text again from the saved measurements, measuring nothing.
   again = benchmark.main(["--report-only", "--out-dir", str(tmp_path)])
