@@ -1,9 +1,10 @@
 """Numbers reported by Hu et al., "Squeeze-and-Excitation Networks".
 
-Source: TPAMI 2019 (arXiv:1709.01507 v4), as collected in the project's
-shared REFERENCE.md. Parameter counts are in millions, GFLOPs are billions of
-multiply-adds of the Caffe models, errors are percentages. Experiments and
-tests read the paper's numbers from here and nowhere else.
+Source: TPAMI 2019 (arXiv:1709.01507 v4); the tables are reproduced in the
+documentation (docs/reference/facts.md, The paper). Parameter counts are in
+millions, GFLOPs are billions of multiply-adds of the Caffe models, errors
+are percentages. Experiments and tests read the paper's numbers from here
+and nowhere else.
 """
 
 # Table 2: (top-1 err, top-5 err, GFLOPs) for the re-implemented baseline and

@@ -4,7 +4,7 @@ r"""CIFAR-100, ResNet-164 (Table 5): paper 24.33% test error (with SE 21.31%).
       --workdir=workdirs/cifar100_resnet164
 
 Smoke run (a few steps): --config=experiments/configs/cifar100_resnet164.py:smoke
-Recipe: experiments/configs/common.py `cifar` (REFERENCE.md, CIFAR).
+Recipe: experiments/configs/common.py `cifar` (docs/reference/facts.md, CIFAR).
 
 ResNet-164 is the pre-activation bottleneck network of He et al., ECCV 2016.
 """

@@ -4,7 +4,7 @@ r"""CIFAR-100, SE-ResNet-164 (Table 5): paper 21.31% test error (baseline 24.33%
       --workdir=workdirs/cifar100_se_resnet164
 
 Smoke run (a few steps): --config=experiments/configs/cifar100_se_resnet164.py:smoke
-Recipe: experiments/configs/common.py `cifar` (REFERENCE.md, CIFAR).
+Recipe: experiments/configs/common.py `cifar` (docs/reference/facts.md, CIFAR).
 
 ResNet-164 is the pre-activation bottleneck network of He et al., ECCV 2016.
 """

@@ -4,7 +4,7 @@ r"""CIFAR-10, ResNet-164 (Table 4): paper 5.46% test error (with SE 4.39%).
       --workdir=workdirs/cifar10_resnet164
 
 Smoke run (a few steps): --config=experiments/configs/cifar10_resnet164.py:smoke
-Recipe: experiments/configs/common.py `cifar` (REFERENCE.md, CIFAR).
+Recipe: experiments/configs/common.py `cifar` (docs/reference/facts.md, CIFAR).
 
 ResNet-164 is the pre-activation bottleneck network of He et al., ECCV 2016.
 """

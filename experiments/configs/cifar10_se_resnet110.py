@@ -4,7 +4,7 @@ r"""CIFAR-10, SE-ResNet-110 (Table 4): paper 5.21% test error (baseline 6.37%).
       --workdir=workdirs/cifar10_se_resnet110
 
 Smoke run (a few steps): --config=experiments/configs/cifar10_se_resnet110.py:smoke
-Recipe: experiments/configs/common.py `cifar` (REFERENCE.md, CIFAR).
+Recipe: experiments/configs/common.py `cifar` (docs/reference/facts.md, CIFAR).
 
 The network is the pre-activation ResNet-110 of He et al., ECCV 2016,
 whose CIFAR-10 error of 6.37% is the baseline the paper reports.

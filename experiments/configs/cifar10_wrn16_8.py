@@ -4,7 +4,7 @@ r"""CIFAR-10, WRN-16-8 (Table 4): paper 4.27% test error (with SE 3.88%).
       --workdir=workdirs/cifar10_wrn16_8
 
 Smoke run (a few steps): --config=experiments/configs/cifar10_wrn16_8.py:smoke
-Recipe: experiments/configs/common.py `cifar` (REFERENCE.md, CIFAR).
+Recipe: experiments/configs/common.py `cifar` (docs/reference/facts.md, CIFAR).
 
 WRN-16-8 (Zagoruyko & Komodakis, 2016) trains with weight decay 5e-4.
 """

@@ -156,7 +156,7 @@ def finish(c: ml_collections.ConfigDict, is_smoke: bool):
 
 
 def cifar(dataset: str, model: str, arg: str | None, **model_options):
-  """The CIFAR recipe of the ResNet papers (REFERENCE.md, CIFAR).
+  """The CIFAR recipe of the ResNet papers (docs/reference/facts.md, CIFAR).
 
   SGD momentum 0.9, batch 128, lr 0.1 divided by 10 at 50% and 75% of
   training, weight decay 1e-4 (5e-4 for WRN), 164 epochs; pad-4 crop, flip,
