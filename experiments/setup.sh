@@ -22,7 +22,7 @@ stamp=.venv/.se_jax-installed
 if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ experiments/setup.sh -nt "$stamp" ]; then
   echo "se_jax setup: installing se_jax[experiments,test] into .venv" >&2
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[experiments,test]"
+  .venv/bin/python -m pip install -q -e ".[experiments,test,docs]"
   touch "$stamp"
 fi
 
