@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 import se_jax
-from experiments import data, files, paper, trainer
+from experiments import cli, data, files, paper, trainer
 from experiments.configs import common
 from experiments.provenance import markdown_header, provenance
 from se_jax.attention.se import SEOptions
@@ -240,11 +240,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--baseline", default=None,
                  help="the network without SE; default the model's plain"
                       " twin in the registry")
-  p.add_argument("--epochs", type=float, default=1.0)
-  p.add_argument("--train-examples", type=int, default=20000)
-  p.add_argument("--eval-examples", type=int, default=None)
-  p.add_argument("--batch-size", type=int, default=128)
-  p.add_argument("--lr", type=float, default=0.1)
+  p.add_argument("--epochs", type=cli.positive, default=1.0)
+  p.add_argument("--train-examples", type=cli.at_least(1), default=20000)
+  p.add_argument("--eval-examples", type=cli.at_least(1), default=None)
+  p.add_argument("--batch-size", type=cli.at_least(1), default=128)
+  p.add_argument("--lr", type=cli.positive, default=0.1)
   p.add_argument("--quick", action="store_true",
                  help="a smoke run: 1024 training and 500 test images")
   p.add_argument("--no-progress", action="store_true")
@@ -288,4 +288,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.main_guard(main)()

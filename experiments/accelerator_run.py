@@ -49,7 +49,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from experiments import benchmark, fashion_mnist, files, steps
+from experiments import benchmark, cli, fashion_mnist, files, steps
 from experiments import study_report
 from experiments.provenance import markdown_header, provenance
 from se_jax.models import capture_gates, create
@@ -555,18 +555,14 @@ def main(argv=None) -> dict:
       description=__doc__.splitlines()[0],
       formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--out", required=True, help="where the files are written")
-  p.add_argument("--minutes", type=float, default=9.0)
+  p.add_argument("--minutes", type=cli.positive, default=9.0)
   p.add_argument("--data-dir", default=fashion_mnist.FASHION_MNIST_DIR)
-  p.add_argument("--seeds", type=int, default=3)
+  p.add_argument("--seeds", type=cli.at_least(2), default=3,
+                 help="seeds of each network (at least 2, for the intervals)")
   p.add_argument("--tiny", action="store_true",
                  help="toy sizes on any device: checks the run end to end")
   p.add_argument("--no-torch", action="store_true")
   args = p.parse_args(argv)
-  if args.minutes <= 0:
-    p.error(f"--minutes must be positive, got {args.minutes}")
-  if args.seeds < 2:
-    p.error(f"--seeds must be at least 2 (for the intervals), got"
-            f" {args.seeds}")
   clock = _Clock(args.minutes)
   t0 = time.perf_counter()
   os.makedirs(args.out, exist_ok=True)
@@ -614,4 +610,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  cli.main_guard(main)()

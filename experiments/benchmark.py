@@ -60,7 +60,7 @@ import optax
 from flax import nnx
 
 import se_jax
-from experiments import files, steps
+from experiments import cli, files, steps
 from experiments.provenance import markdown_header, provenance
 from se_jax.conv import conv2d
 from se_jax.models import create
@@ -238,7 +238,7 @@ def readme_train_step(name: str, batch: int, size: int, num_classes: int):
   @jax.jit
   def train_step(params, batch_stats, images, labels):
     def loss_fn(params):
-      m = nnx.merge(graphdef, params, batch_stats)
+      m = nnx.merge(graphdef, params, batch_stats, copy=True)
       logits = m(images)
       loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
       return loss.mean(), nnx.state(m, nnx.BatchStat)
@@ -1104,7 +1104,7 @@ def main(argv=None) -> dict:
       formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--sections", default=",".join(SECTIONS),
                  help=f"comma-separated, from {', '.join(SECTIONS)}")
-  p.add_argument("--repeats", type=int, default=9)
+  p.add_argument("--repeats", type=cli.at_least(1), default=9)
   p.add_argument("--quick", action="store_true",
                  help="a smoke run: small batches, 3 repeats, ResNet-20 only")
   p.add_argument("--no-torch", action="store_true",
@@ -1192,4 +1192,4 @@ def rewrite_report(out_dir: str, readme: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  cli.main_guard(main)()

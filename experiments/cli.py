@@ -26,8 +26,8 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["ConfigError", "DEBUG_ENV", "UsageError", "main_guard",
-           "one_line", "validate_config"]
+__all__ = ["ConfigError", "DEBUG_ENV", "UsageError", "at_least",
+           "main_guard", "one_line", "positive", "validate_config"]
 
 DEBUG_ENV = "SE_JAX_DEBUG"
 
@@ -87,6 +87,35 @@ def one_line(error: BaseException) -> str:
   if isinstance(error, OSError) and error.filename and error.strerror:
     text = f"{error.strerror}: {error.filename}"
   return text or type(error).__name__
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+  """An argparse ``type``: an integer >= `minimum`."""
+
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(
+          f"{text!r} is not an integer") from None
+    if value < minimum:
+      raise argparse.ArgumentTypeError(
+          f"{value} is not allowed: an integer >= {minimum}")
+    return value
+
+  return parse
+
+
+def positive(text: str) -> float:
+  """An argparse ``type``: a finite number > 0."""
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+  if not (math.isfinite(value) and value > 0):
+    raise argparse.ArgumentTypeError(
+        f"{text} is not allowed: a finite number > 0")
+  return value
 
 
 def _raise_usage_error(self, message):

@@ -30,10 +30,11 @@ import time
 import numpy as np
 from flax import nnx
 
-from experiments import data, files, paper, study_report, trainer
+from experiments import cli, data, files, paper, study_report, trainer
 from experiments.configs import common
 from experiments.configs import fashion_mnist_se_resnet20 as recipe_config
 from experiments.provenance import markdown_header, provenance
+from se_jax import models as se_jax_models
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(_HERE, "results", "converged")
@@ -346,6 +347,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                       " runs in --results")
   args = p.parse_args(argv)
   args.models = [m for m in args.models.split(",") if m]
+  if len(args.models) < 2:
+    p.error(f"--models needs a baseline and at least one other network,"
+            f" got {args.models}")
+  unknown = [m for m in args.models if m not in se_jax_models.names()]
+  if unknown:
+    p.error(f"--models: unknown model(s) {unknown}; see"
+            " se_jax.models.names()")
+  if args.train_only and args.report_only:
+    p.error("--train-only and --report-only exclude each other")
   return args
 
 
@@ -375,4 +385,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.main_guard(main)()

@@ -21,6 +21,7 @@ import os
 import sys
 from collections.abc import Mapping
 
+from experiments import cli
 from se_jax import interop
 from se_jax.models import save_pretrained
 
@@ -142,13 +143,9 @@ def main(argv=None) -> int:
     p.error(f"--model {args.model!r} is not supported: {e}")
   if os.path.exists(args.out):
     p.error(f"--out {args.out} already exists; give a new directory.")
-  try:
-    state_dict = (download_state_dict(args.model) if args.pretrained
-                  else read_state_dict(args.checkpoint))
-    path = convert(args.model, state_dict, args.out)
-  except (ConversionError, ImportError) as e:  # ImportError: no orbax.
-    print(f"convert_timm: error: {e}", file=sys.stderr)
-    return 1
+  state_dict = (download_state_dict(args.model) if args.pretrained
+                else read_state_dict(args.checkpoint))
+  path = convert(args.model, state_dict, args.out)
   print(f"wrote {path}: se_jax's {se_jax_name!r} with the weights of timm's"
         f" {args.model!r}; restore it with"
         f" se_jax.models.load_pretrained({path!r}).")
@@ -156,4 +153,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli.main_guard(main)())

@@ -19,7 +19,7 @@ import os
 from flax import nnx
 
 import se_jax
-from experiments import files, paper
+from experiments import cli, files, paper
 from experiments.provenance import markdown_header, provenance
 from se_jax.models import create
 
@@ -182,4 +182,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  cli.main_guard(main)()

@@ -50,7 +50,7 @@ import numpy as np
 from flax import nnx
 
 import se_jax
-from experiments import data, files, paper, study_report, trainer
+from experiments import cli, data, files, paper, study_report, trainer
 from experiments.configs import common
 from experiments.plot_run import plot_curves
 from experiments.provenance import markdown_header, provenance
@@ -474,24 +474,24 @@ def main(argv=None) -> dict:
                       " directory written by experiments.convert_timm, or a"
                       " timm model name (e.g. legacy_seresnet50; needs the"
                       " network and the torch extra)")
-  p.add_argument("--epochs", type=float, default=DEFAULT_EPOCHS,
+  p.add_argument("--epochs", type=cli.positive, default=DEFAULT_EPOCHS,
                  help="epochs of each network (cosine decay over them)")
   p.add_argument("--seeds", default="0", type=common.parse_seeds,
                  help="comma-separated seeds; each trains both networks")
-  p.add_argument("--batch-size", type=int, default=128)
-  p.add_argument("--lr", type=float, default=0.1)
+  p.add_argument("--batch-size", type=cli.at_least(1), default=128)
+  p.add_argument("--lr", type=cli.positive, default=0.1)
   p.add_argument("--quick", action="store_true",
                  help="a smoke run: 4096 training and 1000 test images")
-  p.add_argument("--channels", type=int, default=50,
+  p.add_argument("--channels", type=cli.at_least(1), default=50,
                  help="channels sampled per block for the figures")
   p.add_argument("--classes", default=None,
                  help="class indices of the per-class analysis (default: the"
                       " paper's four with --weights on imagenet2012, else"
                       " all)")
-  p.add_argument("--images-per-class", type=int, default=None,
+  p.add_argument("--images-per-class", type=cli.at_least(1), default=None,
                  help="at most this many images of each analysed class"
                       " (default: 50 with --weights on imagenet2012)")
-  p.add_argument("--max-examples", type=int, default=None,
+  p.add_argument("--max-examples", type=cli.at_least(1), default=None,
                  help="evaluate only the first images of the split")
   p.add_argument("--fig7-classes", default=None,
                  help="two class indices for Fig. 7 (default: the paper's"
@@ -648,4 +648,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-  main()
+  cli.main_guard(main)()

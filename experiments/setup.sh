@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up se_jax on a fresh machine: the offline Fashion-MNIST data where
 # Debian's package is available, a virtual environment in .venv, and the
-# package with its experiment and test extras. With SE_JAX_TORCH=1 (as CI
+# package with its experiment, test and docs extras. With SE_JAX_TORCH=1 (as CI
 # runs it) also the torch extra: PyTorch, timm and safetensors, for
 # se_jax.interop and its parity tests. Safe to run again.
 set -euo pipefail
@@ -20,7 +20,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.se_jax-installed
 if [ ! -f "$stamp" ] || [ setup.cfg -nt "$stamp" ] || [ experiments/setup.sh -nt "$stamp" ]; then
-  echo "se_jax setup: installing se_jax[experiments,test] into .venv" >&2
+  echo "se_jax setup: installing se_jax[experiments,test,docs] into .venv" >&2
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -e ".[experiments,test,docs]"
   touch "$stamp"

@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 
-from experiments import accelerator_run, fashion_mnist
+from experiments import accelerator_run, cli, fashion_mnist
 
 needs_fmnist = pytest.mark.skipif(
     not os.path.isdir(fashion_mnist.FASHION_MNIST_DIR),
@@ -86,10 +86,11 @@ def test_the_schedule_is_the_cifar_recipe():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--minutes", "0"], "--minutes must be positive"),
-    (["--seeds", "1"], "--seeds must be at least 2"),
+    (["--minutes", "0"], "argument --minutes: 0 is not allowed"),
+    (["--seeds", "1"], "argument --seeds: 1 is not allowed: an integer >= 2"),
 ])
 def test_bad_arguments_are_named(argv, message, tmp_path, capsys):
-  with pytest.raises(SystemExit):
-    accelerator_run.main(["--out", str(tmp_path)] + argv)
+  with pytest.raises(SystemExit) as e:
+    cli.main_guard(accelerator_run.main)(["--out", str(tmp_path)] + argv)
+  assert e.value.code == 2
   assert message in capsys.readouterr().err

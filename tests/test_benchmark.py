@@ -149,6 +149,28 @@ def test_the_benchmark_times_the_trainers_step():
   run()
 
 
+def _code_lines(text: str) -> list[str]:
+  return [line.split("#")[0].strip() for line in text.splitlines()
+          if line.split("#")[0].strip()]
+
+
+def test_the_benchmark_times_the_readmes_functional_path():
+  import inspect
+  import pathlib
+  import re
+  readme = (pathlib.Path(benchmark.__file__).parent.parent
+            / "README.md").read_text()
+  (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S)
+              if "def train_step(params, batch_stats" in b]
+  step = _code_lines(block[block.index("@jax.jit"):block.index("\nimages, ")])
+  source = _code_lines(inspect.getsource(benchmark.readme_train_step))
+  start = source.index("@jax.jit")
+  assert source[start:start + len(step)] == step
+  run, compile_s = benchmark.readme_train_step("cifar_resnet20", 4, 16, 10)
+  run()
+  assert compile_s > 0
+
+
 def test_readme_summary_replaces_only_its_section(tmp_path):
   readme = tmp_path / "README.md"
   before, after = "# t\n\ntext before\n", "\n## next\n"

@@ -267,3 +267,96 @@ def test_the_guard_of_any_entry_point(capsys, monkeypatch):
   err = capsys.readouterr().err
   assert "Traceback" in err and err.splitlines()[-1].startswith("tool: error")
   assert os.environ[cli.DEBUG_ENV] == "1"
+
+
+# ------------------------------------------------- the other entry points
+
+
+def _entry(module):
+  import importlib
+  return importlib.import_module(f"experiments.{module}")
+
+
+OTHER_BAD_INPUTS = [
+    ("recalibration", ["--epochs", "0"],
+     "argument --epochs: 0 is not allowed: a finite number > 0"),
+    ("recalibration", ["--batch-size", "0"],
+     "argument --batch-size: 0 is not allowed: an integer >= 1"),
+    ("recalibration", ["--lr", "nan"],
+     "argument --lr: nan is not allowed: a finite number > 0"),
+    ("recalibration", ["--model", "cifar_resnet20"],
+     "--model must be a model with attention, got 'cifar_resnet20'"),
+    ("recalibration", ["--dataset", "cifar11"],
+     "argument --dataset: invalid choice: 'cifar11'"),
+    ("recalibration", ["--seeds", "a,b"],
+     "seeds must be comma-separated integers, got 'a,b'"),
+    ("recalibration", ["--fig7-classes", "1"],
+     "--fig7-classes takes two classes, got '1'"),
+    ("ablations", ["--groups", "reduction,colour"],
+     "unknown group(s) ['colour']"),
+    ("ablations", ["--train-examples", "-5"],
+     "argument --train-examples: -5 is not allowed: an integer >= 1"),
+    ("ablations", ["--epochs", "inf"],
+     "argument --epochs: inf is not allowed: a finite number > 0"),
+    ("ablations", ["--model", "no_such_net"], "no_such_net"),
+    ("convert_timm", ["--model", "vit_base_patch16_224", "--pretrained",
+                      "--out", "{tmp}/vit"], "is not supported"),
+    ("convert_timm", ["--model", "resnet18", "--checkpoint",
+                      "{tmp}/missing.pth", "--out", "{tmp}/out"],
+     "--checkpoint {tmp}/missing.pth: no such file."),
+    ("convert_timm", ["--model", "resnet18", "--out", "{tmp}/out"],
+     "one of the arguments --checkpoint --pretrained is required"),
+    ("benchmark", ["--sections", "inference,speed"],
+     "unknown section(s) ['speed']"),
+    ("benchmark", ["--repeats", "0"],
+     "argument --repeats: 0 is not allowed: an integer >= 1"),
+    ("benchmark", ["--dtype", "float16"],
+     "argument --dtype: invalid choice: 'float16'"),
+    ("cost_table", ["--out"], "argument --out: expected one argument"),
+    ("converged", ["--seeds", ""], "no seed in ''"),
+    ("converged", ["--models", "cifar_resnet20"],
+     "--models needs a baseline and at least one other network"),
+    ("converged", ["--models", "cifar_resnet20,cifar_se_resnet21"],
+     "unknown model(s) ['cifar_se_resnet21']"),
+    ("accelerator_run", ["--out", "{tmp}", "--minutes", "-1"],
+     "argument --minutes: -1 is not allowed: a finite number > 0"),
+]
+
+
+@pytest.mark.parametrize(
+    "module,argv,message", OTHER_BAD_INPUTS,
+    ids=[f"{m} {' '.join(a)}" for m, a, _ in OTHER_BAD_INPUTS])
+def test_every_entry_point_answers_bad_input_in_one_line(
+    module, argv, message, tmp_path, capsys, monkeypatch):
+  monkeypatch.setenv(cli.DEBUG_ENV, "")
+  monkeypatch.chdir(tmp_path)  # Nothing may be written; if it were, here.
+  argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+  prog = f"experiments.{module}"
+  with pytest.raises(SystemExit) as e:
+    cli.main_guard(_entry(module).main, prog=prog)(argv)
+  assert e.value.code == 2
+  err = capsys.readouterr().err.splitlines()
+  assert len(err) == 1, err
+  assert err[0].startswith(f"{prog}: error: "), err
+  assert message.replace("{tmp}", str(tmp_path)) in err[0], err
+  assert sorted(os.listdir(tmp_path)) == [], "something was written"
+
+
+def test_the_entry_points_run_under_the_guard():
+  for module in ("train", "launch", "recalibration", "ablations",
+                 "convert_timm", "benchmark", "cost_table", "converged",
+                 "accelerator_run"):
+    path = os.path.join(ROOT, "experiments", f"{module}.py")
+    with open(path) as f:
+      tail = f.read().split('if __name__ == "__main__":')[-1]
+    assert "cli.main_guard(main" in tail, module
+
+
+def test_an_entry_point_answers_in_one_line_from_the_shell():
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.benchmark", "--repeats", "x"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2
+  assert proc.stderr.splitlines() == [
+      "experiments.benchmark: error: argument --repeats: 'x' is not an"
+      " integer"]

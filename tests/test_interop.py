@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from experiments import cli
 from se_jax import interop
 from se_jax.models import Preprocessing, capture_gates, create, names
 from se_jax.models import load_pretrained, save_pretrained
@@ -339,12 +340,13 @@ def test_convert_cli_refuses_a_mismatch_and_writes_nothing(
   path = str(tmp_path / "resnet18.pth")
   torch.save(timm.create_model("resnet18").state_dict(), path)
   out = tmp_path / "out"
-  rc = convert_timm.main(["--model", "resnet34", "--checkpoint", path,
-                          "--out", str(out)])
-  assert rc == 1
-  err = capsys.readouterr().err
-  assert ("missing key 'layer1.2.conv1.weight' (expected shape"
-          " (64, 64, 3, 3))") in err
+  with pytest.raises(SystemExit) as e:
+    cli.main_guard(convert_timm.main)(
+        ["--model", "resnet34", "--checkpoint", path, "--out", str(out)])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.splitlines()
+  assert len(err) == 1 and ("missing key 'layer1.2.conv1.weight' (expected"
+                            " shape (64, 64, 3, 3))") in err[0]
   assert sorted(os.listdir(tmp_path)) == ["resnet18.pth"]
 
   out.mkdir()
@@ -367,9 +369,10 @@ def test_convert_cli_pretrained_says_it_needs_the_network(
   monkeypatch.setattr(socket, "getaddrinfo", no_network)
   monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
   out = tmp_path / "out"
-  rc = convert_timm.main(["--model", "legacy_seresnet50", "--pretrained",
-                          "--out", str(out)])
-  assert rc == 1
+  with pytest.raises(SystemExit) as e:
+    cli.main_guard(convert_timm.main)(
+        ["--model", "legacy_seresnet50", "--pretrained", "--out", str(out)])
+  assert e.value.code == 2
   err = capsys.readouterr().err
   assert "needs the network" in err and "--checkpoint FILE" in err
   assert not out.exists()
