@@ -19,17 +19,22 @@ torch and timm are the ``torch`` extra (``pip install 'se_jax[torch]'``) and
 are imported only when a function needs them: `from_timm` needs timm for the
 preprocessing (unless given one), `to_timm` needs torch.
 
-Example, on a machine that can download timm's weights::
+Example, with timm's architecture and random weights (``pretrained=True``
+gives timm's ImageNet weights, on a machine that can download them)::
 
-  import timm
-  from se_jax import interop, models
-
-  tm = timm.create_model("legacy_seresnet50", pretrained=True)
-  model, preprocessing = interop.from_timm("legacy_seresnet50",
-                                           tm.state_dict())
-  gates = models.capture_gates(model, images)   # images: NHWC, normalised
-  state_dict = interop.to_timm("legacy_seresnet50", model)
-  tm.load_state_dict(state_dict)
+  >>> import pytest; timm = pytest.importorskip("timm")
+  >>> import jax.numpy as jnp
+  >>> from se_jax import interop, models
+  >>> tm = timm.create_model("legacy_seresnet18")
+  >>> model, preprocessing = interop.from_timm("legacy_seresnet18",
+  ...                                          tm.state_dict())
+  >>> preprocessing.input_size, preprocessing.crop_fraction
+  ((224, 224), 0.875)
+  >>> gates = models.capture_gates(model, jnp.zeros((1, 64, 64, 3)))
+  >>> gates["SE_2_1"].shape
+  (1, 64)
+  >>> tm.load_state_dict(interop.to_timm("legacy_seresnet18", model))
+  <All keys matched successfully>
 """
 
 from __future__ import annotations
