@@ -157,6 +157,10 @@ def test_two_processes_of_two_devices_train_as_one_of_four(tmp_path):
     assert len(f.readlines()) == 2  # One line per invocation, not process.
   with open(os.path.join(two, ".lock")) as f:
     assert "process 0 of run" in f.read()
+  # Both processes wrote the checkpoint.
+  assert sorted(os.listdir(os.path.join(
+      two, "checkpoints", str(STEPS), "default", "array_metadatas"))) == [
+          "process_0", "process_1"]
 
   # The same final parameters, from the checkpoint the resumed run wrote.
   final = {w: _final_state(w, STEPS) for w in (one, two)}
