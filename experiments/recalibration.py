@@ -509,8 +509,6 @@ def main(argv=None) -> dict:
                  help="the committed converged study to compare with"
                       " (python -m experiments.converged)")
   args = p.parse_args(argv)
-  if args.epochs <= 0:
-    p.error(f"--epochs must be positive, got {args.epochs}")
   with_attention = [n for n in se_jax.models.names()
                     if se_jax.models.plain_twin(n) != n]
   if args.weights is None and args.model not in with_attention:
