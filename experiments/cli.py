@@ -333,6 +333,7 @@ def validate_config(config) -> None:
   _number(config, "eval_every_epochs", 0, low_open=True)
   _int(config, "checkpoint_every_steps", 1)
   _int(config, "keep_checkpoints", 1)
+  _int(config, "keep_checkpoint_every_steps", 1, optional=True)
   _bool(config, "progress")
   validate_distributed(config)
   _validate_model(config)

@@ -34,6 +34,7 @@ from experiments import cli, data, files, paper, study_report, trainer
 from experiments.configs import common
 from experiments.configs import fashion_mnist_se_resnet20 as recipe_config
 from experiments.provenance import markdown_header, provenance
+from se_jax import analysis
 from se_jax import models as se_jax_models
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -41,6 +42,10 @@ RESULTS = os.path.join(_HERE, "results", "converged")
 MODELS = ("cifar_resnet20", "cifar_se_resnet20")
 RUN_FILES = ("config.json", "metrics.jsonl", "final.json", "provenance.jsonl")
 PARAMS_FILE = "params.npz"
+TRAJECTORY_FILE = "trajectory.npz"
+# A snapshot of every run every this many steps (0.85 epochs of the recipe),
+# kept in the workdir; an SE run's export reads its gates from each.
+SNAPSHOT_EVERY_STEPS = 400
 
 
 def make_config(model: str, seed: int, data_dir: str | None = None,
@@ -51,10 +56,14 @@ def make_config(model: str, seed: int, data_dir: str | None = None,
   with c.unlocked():
     c.model = model
     c.seed = seed
-    if not smoke:
+    if smoke:
+      c.checkpoint_every_steps = 1
+      c.keep_checkpoint_every_steps = 1
+    else:
       # Frequent checkpoints: an interruption costs at most 200 steps.
       c.checkpoint_every_steps = 200
       c.keep_checkpoints = 2
+      c.keep_checkpoint_every_steps = SNAPSHOT_EVERY_STEPS
     c.data_dir = data_dir
     c.progress = progress
   return c
@@ -128,8 +137,48 @@ def export_run(config, workdir: str, dest: str) -> None:
   if "_se_" in config.model:
     model, _ = trainer.restore_model(config, workdir)
     save_params(model, os.path.join(tmp, PARAMS_FILE))
+    save_trajectory(config, workdir, os.path.join(tmp, TRAJECTORY_FILE))
   shutil.rmtree(dest, ignore_errors=True)
   os.replace(tmp, dest)
+
+
+def save_trajectory(config, workdir: str, path: str) -> None:
+  """The gates along a run: for every checkpoint its workdir kept (the
+  snapshots and the last), the test error and each SE block's per-class
+  mean gates over the test set, as one .npz (``steps``, ``top1_err``,
+  ``classes`` and one (snapshots, classes, channels) array per block)."""
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+  profiles: dict[str, list[np.ndarray]] = {}
+  errors, classes = [], None
+  for step in steps:
+    print(f"[converged] reading the gates of {os.path.basename(workdir)} at"
+          f" step {step}", file=sys.stderr, flush=True)
+    model, _ = trainer.restore_model(config, workdir, step)
+    sample, _ = gate_analysis(config, model, data_dir=config.data_dir,
+                              max_examples=config.max_eval_examples)
+    errors.append(sample.top1_err)
+    for block, gates in sample.gates.items():
+      classes, mean, _ = analysis.class_gate_profiles(gates, sample.labels)
+      profiles.setdefault(block, []).append(mean)
+  arrays = {f"profile/{b}": np.stack(v) for b, v in profiles.items()}
+  tmp = path + ".tmp.npz"
+  np.savez_compressed(tmp, steps=np.asarray(steps),
+                      top1_err=np.asarray(errors), classes=classes, **arrays)
+  os.replace(tmp, path)
+
+
+def load_trajectory(path: str) -> dict | None:
+  """What `save_trajectory` wrote, as ``{"steps", "top1_err", "classes",
+  "profiles": {block: (snapshots, classes, channels)}}``; None without
+  the file."""
+  if not os.path.exists(path):
+    return None
+  with np.load(path) as f:
+    return {"steps": f["steps"], "top1_err": f["top1_err"],
+            "classes": f["classes"],
+            "profiles": {k.split("/", 1)[1]: f[k] for k in f.files
+                         if k.startswith("profile/")}}
 
 
 def committed_result(config, run_dir: str) -> dict | None:
@@ -169,13 +218,18 @@ def train(args) -> list[dict]:
   return done
 
 
-def gate_analysis(config, params_path: str, *, data_dir=None,
+def gate_analysis(config, params, *, data_dir=None,
                   max_examples: int | None = None):
   """The gates of a trained SE network over the test set, and their
-  measures: ``(sample, {block: measures})``."""
+  measures: ``(sample, {block: measures})``.
+
+  `params` is the network, or the path of its `save_params` file."""
   from experiments import recalibration
-  model = load_params(trainer.build_model(config, rngs=nnx.Rngs(0)),
-                      params_path)
+  if isinstance(params, str):
+    model = load_params(trainer.build_model(config, rngs=nnx.Rngs(0)),
+                        params)
+  else:
+    model = params
   model.eval()
   info = data.DATASETS[config.dataset]
   _, transform = data.make_transforms(info)
@@ -185,6 +239,27 @@ def gate_analysis(config, params_path: str, *, data_dir=None,
                                        batch_size=500,
                                        max_examples=max_examples)
   return sample, study_report.block_measures(sample.gates, sample.labels)
+
+
+def steps_per_epoch(run_dir: str) -> float:
+  """Training steps per epoch of a run, from its evaluation records."""
+  with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    evals = [r for r in map(json.loads, f) if r["split"] == "eval"]
+  if not evals:
+    raise ValueError(f"{run_dir}/metrics.jsonl has no evaluation record.")
+  return evals[-1]["step"] / evals[-1]["epoch"]
+
+
+def gate_trajectory(se_runs: list[dict]) -> dict:
+  """`study_report.trajectory` of the SE runs that saved one."""
+  found = {r["seed"]: load_trajectory(os.path.join(r["run_dir"],
+                                                   TRAJECTORY_FILE))
+           for r in se_runs}
+  found = {s: t for s, t in found.items() if t is not None}
+  if not found:
+    return {}
+  first = next(r for r in se_runs if r["seed"] in found)
+  return study_report.trajectory(found, steps_per_epoch(first["run_dir"]))
 
 
 def report(args, runs: list[dict]) -> dict:
@@ -223,6 +298,11 @@ def report(args, runs: list[dict]) -> dict:
         max_examples=1000 if args.smoke else None)
     per_seed[r["seed"]], samples[r["seed"]] = measures, sample
   stability = study_report.stability(per_seed)
+  traj = gate_trajectory(se_runs)
+  if traj:
+    study_report.plot_trajectory(
+        os.path.join(args.results, "gate_trajectory.png"), traj,
+        f"{model}: the gates along training, against the converged ones")
 
   first = min(samples) if samples else None
   figures = []
@@ -242,7 +322,7 @@ def report(args, runs: list[dict]) -> dict:
                                  else v) for k, v in m.items()}
                          for b, m in per_seed[s].items()}
                      for s in per_seed},
-      stability=stability, figures=figures,
+      stability=stability, figures=figures, trajectory=traj,
       report_seconds=time.perf_counter() - t0)
   files.write_json(os.path.join(args.results, "report.json"),
                    {"provenance": prov, **results})
@@ -314,6 +394,9 @@ def _to_markdown(results: dict, prov: dict, args) -> str:
         "Fig. 7 analogue: within-class mean and std of the gates for the two"
         " classes whose last-block profiles differ most.")):
       out.append(f"\n![{caption}]({fig})\n\n*{caption}*")
+  traj = results.get("trajectory")
+  if traj:
+    out.append(_trajectory_markdown(traj))
   t4 = paper.TABLE4_CIFAR10["ResNet-110"]
   out.append(
       "\n## The paper's protocol\n\nOn CIFAR-10 with an accelerator, Table"
@@ -322,6 +405,37 @@ def _to_markdown(results: dict, prov: dict, args) -> str:
       " --config=experiments/configs/cifar10_resnet110.py --workdir=DIR1` and"
       " the same with `cifar10_se_resnet110.py`.")
   return "\n".join(out) + "\n"
+
+
+def _trajectory_markdown(traj: dict) -> str:
+  seeds = sorted(traj["correlation"])
+  reach = study_report.REACH
+  out = ["\n## How soon the gates settle\n",
+         f"Snapshots of every SE run along its training ({len(seeds)}"
+         " seed(s)): the test error, and the correlation of each block's"
+         " per-class gate profiles with those of the converged network of the"
+         " same run (`se_jax.analysis.profile_correlation`; channels match"
+         " within a run), mean over the seeds. The snapshots are points of"
+         " the full-length cosine schedule, whose learning rate is still high"
+         " early on: a shorter run, annealed sooner, is not measured here.\n",
+         "| epoch | test error (%) | lowest block | mean over blocks |",
+         "|---|---|---|---|"]
+  for i, e in enumerate(traj["epochs"]):
+    err = np.mean([traj["top1_err"][s][i] for s in seeds])
+    low = np.mean([traj["min_correlation"][s][i] for s in seeds])
+    mean = np.mean([np.mean([traj["correlation"][s][b][i]
+                             for b in traj["blocks"]]) for s in seeds])
+    out.append(f"| {e:.2f} | {err:.2f} | {low:.3f} | {mean:.3f} |")
+  words = []
+  for s in seeds:
+    e = traj["reach_epoch"][s]
+    words.append(f"seed {s}: " + ("never before the end" if e is None
+                                  else f"from epoch {e:.2f}"))
+  out.append(
+      f"\nEvery block within reach (correlation >= {reach} with the"
+      " converged profiles, and staying so): " + "; ".join(words) + ".\n")
+  out.append("![The gates along training](gate_trajectory.png)\n")
+  return "\n".join(out)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -15,9 +15,9 @@ import numpy as np
 from experiments import stats
 from se_jax import analysis
 
-__all__ = ["MEASURES", "block_measures", "compare", "draw_figures",
-           "plot_curves", "plot_fig6", "plot_fig7", "selected_blocks",
-           "stability", "verdict"]
+__all__ = ["MEASURES", "REACH", "block_measures", "compare", "draw_figures",
+           "plot_curves", "plot_fig6", "plot_fig7", "plot_trajectory",
+           "selected_blocks", "stability", "trajectory", "verdict"]
 
 
 def selected_blocks(names: list[str]) -> list[str]:
@@ -71,6 +71,85 @@ def stability(per_seed: dict) -> dict:
     row["cross_seed_similarity"] = float(np.mean(sims)) if sims else None
     out[b] = row
   return out
+
+
+# A network's gates are "within reach" of the converged ones when the
+# per-class profiles of every block correlate with them at least this much.
+REACH = 0.9
+
+
+def trajectory(runs: dict, steps_per_epoch: float) -> dict:
+  """How the gates approach their converged values along training.
+
+  Args:
+    runs: ``{seed: {"steps": (S,), "top1_err": (S,), "profiles": {block:
+      (S, K, C)}}}``, snapshots in step order, the last one the converged
+      network (`experiments.converged.load_trajectory`).
+    steps_per_epoch: of the runs' recipe.
+
+  Returns:
+    ``{"epochs": (S,) of the first seed, "blocks": [...], "correlation":
+    {seed: {block: [S]}}, "min_correlation": {seed: [S]}, "top1_err":
+    {seed: [S]}, "reach_epoch": {seed: first epoch at which every block's
+    correlation is >= REACH (and stays so), or None}}``, correlations by
+    `se_jax.analysis.profile_correlation` with the last snapshot.
+
+  Raises:
+    ValueError: if the seeds' snapshots are at different steps.
+  """
+  seeds = sorted(runs)
+  if not seeds:
+    return {}
+  steps = np.asarray(runs[seeds[0]]["steps"])
+  for s in seeds[1:]:
+    if not np.array_equal(np.asarray(runs[s]["steps"]), steps):
+      raise ValueError(
+          f"the snapshots of seed {s} are at steps {list(runs[s]['steps'])},"
+          f" those of seed {seeds[0]} at {list(steps)}.")
+  blocks = list(runs[seeds[0]]["profiles"])
+  epochs = steps / float(steps_per_epoch)
+  corr, low, reach, err = {}, {}, {}, {}
+  for s in seeds:
+    prof = runs[s]["profiles"]
+    corr[s] = {b: [analysis.profile_correlation(p, prof[b][-1])
+                   for p in prof[b]] for b in blocks}
+    low[s] = [min(corr[s][b][i] for b in blocks) for i in range(len(steps))]
+    within = np.asarray(low[s]) >= REACH
+    # The first snapshot from which every later one is within reach.
+    first = next((i for i in range(len(steps)) if within[i:].all()), None)
+    reach[s] = None if first is None else float(epochs[first])
+    err[s] = [float(e) for e in runs[s]["top1_err"]]
+  return {"epochs": epochs.tolist(), "blocks": blocks, "correlation": corr,
+          "min_correlation": low, "top1_err": err, "reach_epoch": reach}
+
+
+def plot_trajectory(path: str, traj: dict, title: str) -> None:
+  """Each block's correlation with its converged profile, by epoch (mean
+  over the seeds), and the lowest block's, seed by seed."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, (a, b) = plt.subplots(1, 2, figsize=(10.5, 3.8))
+  x, seeds = traj["epochs"], sorted(traj["correlation"])
+  cmap = plt.get_cmap("viridis")
+  for i, blk in enumerate(traj["blocks"]):
+    y = np.mean([traj["correlation"][s][blk] for s in seeds], axis=0)
+    a.plot(x, y, color=cmap(i / max(1, len(traj["blocks"]) - 1)), lw=1.2,
+           marker="o", ms=2.5, label=blk)
+  for s in seeds:
+    b.plot(x, traj["min_correlation"][s], marker="o", ms=2.5, lw=1,
+           label=f"seed {s}")
+  for ax in (a, b):
+    ax.axhline(REACH, color="0.5", ls="--", lw=0.8)
+    ax.set_xlabel("epoch")
+  a.set_ylabel("correlation with the converged profiles")
+  b.set_ylabel("lowest block's correlation")
+  a.legend(fontsize=6, ncol=2)
+  b.legend(fontsize=7)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def plot_curves(path: str, series: list[dict], title: str) -> None:

@@ -120,6 +120,16 @@ def _check_workdir(workdir: str) -> None:
 _LOG_RESERVE_BYTES = 4 * 2 ** 20
 
 
+def _preservation(keep: int, every: int | None):
+  """Orbax's policy: the latest `keep` checkpoints, and those at multiples
+  of `every` steps."""
+  latest = ocp.checkpoint_managers.LatestN(n=keep)
+  if every is None:
+    return latest
+  return ocp.checkpoint_managers.AnyPreservationPolicy([
+      latest, ocp.checkpoint_managers.EveryNSteps(interval_steps=every)])
+
+
 def _check_free_space(workdir: str, checkpoint_bytes: int, keep: int,
                       existing: int) -> None:
   """Fails if the checkpoints to come cannot fit in `workdir`."""
@@ -711,10 +721,12 @@ def _run(config, workdir, plan: _Plan):
       _to_checkpoint(state))
 
   ckpt_dir = os.path.join(os.path.abspath(workdir), "checkpoints")
+  every = config.get("keep_checkpoint_every_steps")
+  snapshots = 0 if every is None else total_steps // every
   _check_free_space(
       workdir, sum(x.size * x.dtype.itemsize
                    for x in jax.tree.leaves(abstract)),
-      config.keep_checkpoints,
+      config.keep_checkpoints + snapshots,
       sum(d.isdigit() for d in (os.listdir(ckpt_dir)
                                 if os.path.isdir(ckpt_dir) else ())))
   # Saves go through a temporary directory renamed when complete; one left
@@ -722,8 +734,8 @@ def _run(config, workdir, plan: _Plan):
   manager = ocp.CheckpointManager(
       ckpt_dir, item_handlers=ocp.StandardCheckpointHandler(),
       options=ocp.CheckpointManagerOptions(
-          max_to_keep=config.keep_checkpoints, create=True,
-          cleanup_tmp_directories=True))
+          preservation_policy=_preservation(config.keep_checkpoints, every),
+          create=True, cleanup_tmp_directories=True))
   restored = _restore_newest(manager, abstract, workdir, lead)
   if restored is not None:
     state = _from_checkpoint(state, restored)
@@ -869,6 +881,7 @@ def _run(config, workdir, plan: _Plan):
 # are a function of (seed, step) whatever the input threads and processes,
 # and where the data lives or whether a progress bar shows changes no number.
 EXECUTION_KEYS = ("num_threads", "progress", "distributed", "data_dir",
+                  "keep_checkpoint_every_steps",
                   "coordinator_address", "num_processes", "process_id",
                   "local_device_ids")
 

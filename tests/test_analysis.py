@@ -86,6 +86,42 @@ def test_the_papers_blocks_are_selected():
       "SE_2_3", "SE_3_4", "SE_4_6", "SE_5_1", "SE_5_2", "SE_5_3"]
 
 
+def test_gate_trajectory_on_constructed_snapshots():
+  rng = np.random.default_rng(0)
+  final = {"SE_2_1": rng.uniform(size=(3, 4)),
+           "SE_3_1": rng.uniform(size=(3, 8))}
+  noise = {b: rng.normal(size=(5,) + p.shape) for b, p in final.items()}
+  # Snapshot i is the converged profile plus noise shrinking to zero;
+  # SE_3_1 stays noisy for one snapshot longer than SE_2_1.
+  scale = {"SE_2_1": [3.0, 1.0, 0.0, 0.0, 0.0],
+           "SE_3_1": [3.0, 3.0, 1.0, 0.0, 0.0]}
+  profiles = {b: np.stack([p + s * n for s, n in zip(scale[b], noise[b])])
+              for b, p in final.items()}
+  steps = np.array([10, 20, 30, 40, 50])
+  run = {"steps": steps, "top1_err": np.array([50.0, 30, 20, 15, 10]),
+         "profiles": profiles}
+  t = study_report.trajectory({0: run, 1: run}, steps_per_epoch=10)
+  assert t["epochs"] == [1.0, 2.0, 3.0, 4.0, 5.0]
+  for b, p in profiles.items():
+    expected = [np.corrcoef(x.ravel(), p[-1].ravel())[0, 1] for x in p]
+    np.testing.assert_allclose(t["correlation"][0][b], expected, rtol=1e-12)
+  np.testing.assert_allclose(
+      t["min_correlation"][1],
+      np.minimum(t["correlation"][1]["SE_2_1"], t["correlation"][1]["SE_3_1"]))
+  assert t["min_correlation"][0][-1] == pytest.approx(1.0)
+  low = t["min_correlation"][0]
+  first = next(i for i in range(5) if all(v >= study_report.REACH
+                                          for v in low[i:]))
+  assert t["reach_epoch"] == {0: float(first + 1), 1: float(first + 1)}
+  assert t["reach_epoch"][0] >= 3.0
+  # A snapshot that falls back out of reach moves the epoch past it.
+  back = dict(run, profiles={b: p.copy() for b, p in profiles.items()})
+  back["profiles"]["SE_2_1"][3] = rng.uniform(size=(3, 4))
+  assert study_report.trajectory({0: back}, 10)["reach_epoch"][0] == 5.0
+  with pytest.raises(ValueError, match="seed 1 are at steps"):
+    study_report.trajectory({0: run, 1: dict(run, steps=steps + 1)}, 10)
+
+
 def test_plain_twins_come_from_the_registry():
   twin = se_jax.models.plain_twin
   assert twin("cifar_se_resnet20") == "cifar_resnet20"

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from experiments import converged, trainer
+from se_jax.analysis import class_gate_profiles
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +31,23 @@ def test_runs_are_exported_and_not_trained_again(study, monkeypatch):
     assert set(converged.RUN_FILES) <= files
     # Only the SE networks' parameters are kept, for the gate analysis.
     assert (converged.PARAMS_FILE in files) == ("_se_" in r["model"])
+    assert (converged.TRAJECTORY_FILE in files) == ("_se_" in r["model"])
+
+  # The trajectory holds the gates of every snapshot; its last is the
+  # exported network's.
+  traj = converged.load_trajectory(
+      os.path.join(runs[1]["run_dir"], converged.TRAJECTORY_FILE))
+  assert traj["steps"].tolist() == [1, 2, 3]
+  config = converged.make_config("cifar_se_resnet20", 0, smoke=True)
+  sample, _ = converged.gate_analysis(
+      config, os.path.join(runs[1]["run_dir"], converged.PARAMS_FILE),
+      max_examples=config.max_eval_examples)
+  assert sample.top1_err == pytest.approx(traj["top1_err"][-1])
+  for block, profiles in traj["profiles"].items():
+    assert profiles.shape[0] == 3
+    np.testing.assert_allclose(
+        profiles[-1], class_gate_profiles(sample.gates[block],
+                                          sample.labels)[1], rtol=1e-6)
 
   # The exported parameters are the final checkpoint's.
   config = converged.make_config("cifar_se_resnet20", 0, smoke=True)
@@ -72,8 +90,13 @@ def test_report_from_the_finished_runs(study):
   md = (results / "report.md").read_text()
   assert "## Test error" in md and "95% CI" in md and out["verdict"] in md
   assert "## What the gates do, converged (2 seed(s))" in md
+  assert "## How soon the gates settle" in md
+  traj = out["trajectory"]
+  assert traj["epochs"] == pytest.approx([1 / 8, 2 / 8, 3 / 8])
+  for s in (0, 1):
+    assert traj["min_correlation"][s][-1] == pytest.approx(1.0)
   for f in ("curves.png", "fig6_class_gates.png", "fig7_within_class.png",
-            "report.json"):
+            "gate_trajectory.png", "report.json"):
     assert (results / f).stat().st_size > 0
   saved = json.loads((results / "report.json").read_text())
   assert saved["provenance"]["command"].startswith("python -m")

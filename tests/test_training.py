@@ -456,3 +456,18 @@ def test_input_threads_default_to_the_training_thread_on_cpus():
   assert data.input_threads(3) == 3
   assert data.input_threads(None) == (0 if jax.default_backend() == "cpu"
                                       else 8)
+
+
+@needs_fmnist
+def test_snapshots_are_kept_beside_the_latest_checkpoints(tmp_path):
+  wd = str(tmp_path)
+  trainer.train_and_evaluate(
+      _tiny_config(num_train_steps=9, checkpoint_every_steps=1,
+                   keep_checkpoints=2, keep_checkpoint_every_steps=4), wd)
+  assert sorted(map(int, os.listdir(os.path.join(wd, "checkpoints")))) == [
+      4, 8, 9]
+  # A snapshot setting is not part of the recipe: the finished run counts
+  # for a config without it.
+  assert trainer.finished_result(
+      _tiny_config(num_train_steps=9, checkpoint_every_steps=1,
+                   keep_checkpoints=2), wd) is not None

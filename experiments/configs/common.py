@@ -68,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every_epochs = 1.0
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
+  # Also keep every checkpoint whose step is a multiple of this (snapshots
+  # along the run, e.g. to follow its gates); None keeps only the latest.
+  c.keep_checkpoint_every_steps = config_dict.placeholder(int)
   c.progress = True
   c.distributed = "auto"  # "auto", "on" or "off", see trainer.py.
   # Runs of several processes; None: from JAX_COORDINATOR_ADDRESS,
