@@ -16,8 +16,9 @@ from experiments import stats
 from se_jax import analysis
 
 __all__ = ["MEASURES", "REACH", "block_measures", "compare", "draw_figures",
-           "plot_curves", "plot_fig6", "plot_fig7", "plot_trajectory",
-           "selected_blocks", "stability", "trajectory", "verdict"]
+           "equivalent_epoch", "plot_curves", "plot_fig6", "plot_fig7",
+           "plot_trajectory", "selected_blocks", "stability", "trajectory",
+           "verdict"]
 
 
 def selected_blocks(names: list[str]) -> list[str]:
@@ -121,6 +122,30 @@ def trajectory(runs: dict, steps_per_epoch: float) -> dict:
     err[s] = [float(e) for e in runs[s]["top1_err"]]
   return {"epochs": epochs.tolist(), "blocks": blocks, "correlation": corr,
           "min_correlation": low, "top1_err": err, "reach_epoch": reach}
+
+
+def equivalent_epoch(epochs, correlation: dict, mine: dict) -> float | None:
+  """The first snapshot of a long run whose gates are as close to its
+  converged gates as another run's are: the epoch at which the snapshot's
+  correlation, averaged over the blocks both have, reaches `mine`'s.
+
+  Args:
+    epochs: (S,) the snapshots' epochs.
+    correlation: ``{block: [S]}``, one seed's `trajectory` correlations.
+    mine: ``{block: correlation}`` of the other run with the same converged
+      network.
+
+  Returns:
+    The epoch, or None if no block is shared.
+  """
+  blocks = [b for b in mine if b in correlation]
+  if not blocks:
+    return None
+  target = float(np.mean([mine[b] for b in blocks]))
+  along = np.mean([correlation[b] for b in blocks], axis=0)
+  first = next((i for i, v in enumerate(along) if v >= target),
+               len(along) - 1)
+  return float(epochs[first])
 
 
 def plot_trajectory(path: str, traj: dict, title: str) -> None:

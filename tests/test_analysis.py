@@ -122,6 +122,20 @@ def test_gate_trajectory_on_constructed_snapshots():
     study_report.trajectory({0: run, 1: dict(run, steps=steps + 1)}, 10)
 
 
+def test_equivalent_epoch_places_a_run_on_the_trajectory():
+  epochs = [1.0, 2.0, 3.0, 4.0]
+  along = {"a": [0.2, 0.5, 0.9, 1.0], "b": [0.4, 0.7, 0.7, 1.0],
+           "c": [0.0, 0.0, 0.0, 1.0]}
+  # Mean over the shared blocks a and b: 0.3, 0.6, 0.8, 1.0.
+  assert study_report.equivalent_epoch(epochs, along, {"a": 0.5, "b": 0.6,
+                                                       "z": 0.0}) == 2.0
+  assert study_report.equivalent_epoch(epochs, along, {"a": 0.8,
+                                                       "b": 0.8}) == 3.0
+  assert study_report.equivalent_epoch(epochs, along, {"a": 0.0}) == 1.0
+  assert study_report.equivalent_epoch(epochs, along, {"c": 1.0}) == 4.0
+  assert study_report.equivalent_epoch(epochs, along, {"z": 0.5}) is None
+
+
 def test_plain_twins_come_from_the_registry():
   twin = se_jax.models.plain_twin
   assert twin("cifar_se_resnet20") == "cifar_resnet20"
@@ -203,6 +217,11 @@ def test_the_main_job_is_compared_with_the_converged_study(tmp_path):
   text = " ".join(recalibration.describe(results))
   assert "9.00% without SE and 9.50% with SE, against 7.00 +- 0.20%" in text
   assert "the study says: The study's verdict." in text
+  assert "as close to their final values" not in text
+  out["equivalent_epoch"] = 2.56
+  text = " ".join(recalibration.describe(results))
+  assert ("as close to their final values after 2.56 of its 10 epochs"
+          in text)
   other = recalibration.argparse.Namespace(**{**vars(args),
                                               "model": "cifar_se_resnet56"})
   assert "of cifar_se_resnet20" in recalibration.against_converged(
