@@ -429,6 +429,21 @@ def _affine_scale_jvp(primals, tangents):
   return _affine_scale(x, mul, add, gates), dy.astype(x.dtype)
 
 
+def _given_mean(mean: ArrayLike | None, x: jax.Array,
+               channels: int) -> jax.Array | None:
+  """A caller's (N, C) mean of `x` over its positions, checked, in float32
+  (None stays None)."""
+  if mean is None:
+    return None
+  mean = jnp.asarray(mean)
+  _check_float("mean", mean)
+  if mean.shape != (x.shape[0], channels):
+    raise ValueError(
+        f"mean must have shape (N, C) = ({x.shape[0]}, {channels}) for x of"
+        f" shape {x.shape}, got {mean.shape}.")
+  return mean.astype(jnp.float32)
+
+
 def squeeze_excite_affine(
     params: ExciteParams,
     x: ArrayLike,
@@ -439,6 +454,7 @@ def squeeze_excite_affine(
     gate: str = "sigmoid",
     data_format: str = "NHWC",
     return_gates: bool = False,
+    mean: ArrayLike | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """The SE block on ``x * mul + add``: a map and a per-channel affine.
 
@@ -458,13 +474,19 @@ def squeeze_excite_affine(
     gate: output nonlinearity of the excitation.
     data_format: layout of `x`, one of ``DATA_FORMATS``.
     return_gates: also return the (N, C) float32 gates.
+    mean: the (N, C) mean of `x` over its positions, where the caller has
+      it for less than a pass over `x`: when `x` is the output of a 1x1
+      convolution of stride 1, it is that convolution applied to the mean
+      of its input, whose channels are fewer in a bottleneck. Default: the
+      squeeze computes it from `x`.
 
   Returns:
     ``scale(x * mul + add, gates)`` in the dtype of `x` (the affine and the
     product are formed in float32 and rounded once), or ``(y, gates)``.
 
   Raises:
-    ValueError: if `mul` or `add` is not (C,), or as `squeeze_excite`.
+    ValueError: if `mul` or `add` is not (C,), `mean` not (N, C), or as
+      `squeeze_excite`.
     TypeError: for non-float inputs.
 
   >>> p = init_excite(jax.random.key(0), 8, reduction=4)
@@ -490,7 +512,10 @@ def squeeze_excite_affine(
   # Channels last, positions flattened: (N, P, C).
   xl = jnp.moveaxis(x, c_axis, -1)
   flat = xl.reshape(x.shape[0], -1, channels)
-  z = jnp.mean(flat, axis=1, dtype=f32) * mul[None] + add[None]
+  pooled = _given_mean(mean, x, channels)
+  if pooled is None:
+    pooled = jnp.mean(flat, axis=1, dtype=f32)
+  z = pooled * mul[None] + add[None]
   gates = excite(params, z, activation=activation, gate=gate)
   y = _affine_scale(flat, mul.reshape(1, 1, -1), add.reshape(1, 1, -1),
                     gates).reshape(xl.shape)

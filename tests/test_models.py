@@ -382,6 +382,36 @@ def test_folding_the_norm_into_se_computes_the_same(name, stage, options):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
 
 
+@pytest.mark.parametrize("kind", ["se", "ese"])
+def test_inference_squeezes_through_the_last_1x1_conv(kind, monkeypatch):
+  # In eval mode a bottleneck unit gives its attention the squeeze as conv3
+  # of the mean of conv3's input; the unit computes what the unit with the
+  # BN apart (which squeezes the normalised map) does.
+  cls = type(create("se_resnet50", attention=kind).stages[1][0].attn)
+  seen = []
+  call = cls.affine_call
+  monkeypatch.setattr(cls, "affine_call",
+                      lambda self, *a, **k: seen.append(k["mean"]) or
+                      call(self, *a, **k))
+  x = _images(n=2, size=16, c=256, seed=3)
+  out = {}
+  for fold in (True, False):
+    unit = create("se_resnet50", attention=kind, fold_norm=fold).stages[1][0]
+    unit.eval()
+    # Statistics that are not the identity, as after training.
+    rng = np.random.default_rng(0)
+    unit.bn3.mean.set_value(jnp.asarray(rng.normal(size=512), jnp.float32))
+    unit.bn3.var.set_value(jnp.asarray(rng.uniform(0.5, 2, 512),
+                                       jnp.float32))
+    out[fold] = unit(x)
+  assert seen and seen[0] is not None and seen[0].shape == (2, 512)
+  np.testing.assert_allclose(out[True], out[False], rtol=1e-5, atol=1e-5)
+  # In training the squeeze reads the map with the BN's statistics.
+  seen.clear()
+  create("se_resnet50", attention=kind).stages[1][0](x)
+  assert seen == [None]
+
+
 def test_only_the_standard_unit_folds_the_norm():
   fold = lambda **kw: create("cifar_se_resnet20", **kw).stages[0][0] \
       .fold_norm

@@ -347,6 +347,32 @@ def test_squeeze_excite_affine_keeps_only_the_input_map(dtype, short):
   assert len(plain) >= 2
 
 
+def test_squeeze_excite_affine_with_a_given_mean():
+  x, p = _x("NHWC"), _params()
+  mul, add = _affine(12)
+  want_y, want_g = ref.squeeze_excite(p, x * mul + add)
+  # The mean of a 1x1 convolution's output, from its input's mean.
+  rng = np.random.default_rng(5)
+  h = rng.normal(size=x.shape[:3] + (3,)).astype(np.float32)
+  w = rng.normal(size=(3, 12)).astype(np.float32)
+  y_conv = np.einsum("nhwi,io->nhwo", h, w)
+  want_y, want_g = ref.squeeze_excite(p, y_conv * mul + add)
+  y, g = se_jax.squeeze_excite_affine(p, y_conv, mul, add, return_gates=True,
+                                      mean=h.mean(axis=(1, 2)) @ w)
+  np.testing.assert_allclose(g, want_g, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-5)
+  # The mean is what the squeeze reads: another mean, other gates.
+  _, other = se_jax.squeeze_excite_affine(
+      p, y_conv, mul, add, return_gates=True,
+      mean=h.mean(axis=(1, 2)) @ w + 1.0)
+  assert not np.allclose(other, want_g)
+  _raises(ValueError, r"mean must have shape \(N, C\) = \(2, 12\)",
+          se_jax.squeeze_excite_affine, p, y_conv, mul, add,
+          mean=np.zeros((2, 3), np.float32))
+  _raises(TypeError, "mean", se_jax.squeeze_excite_affine, p, y_conv, mul,
+          add, mean=np.zeros((2, 12), np.int32))
+
+
 def test_squeeze_excite_affine_bad_input():
   x, p = _x("NHWC"), _params()
   mul, add = _affine(12)

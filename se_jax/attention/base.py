@@ -115,9 +115,12 @@ class Attention(nnx.Module):
     return False
 
   def affine_call(self, x: jax.Array, mul: jax.Array, add: jax.Array,
-                  dtype=None) -> jax.Array:
+                  dtype=None, mean: jax.Array | None = None) -> jax.Array:
     """The module on ``x * mul + add`` (a BatchNorm folded into a
-    per-channel affine), in `dtype` (default: x's)."""
+    per-channel affine), in `dtype` (default: x's). `mean`, if given, is
+    the (N, C) mean of `x` over its positions, which the unit computes for
+    less than a pass over `x` when `x` comes from a 1x1 convolution; a
+    module that pools by averaging can use it instead of reading `x`."""
     raise NotImplementedError(
         f"{type(self).__name__} does not fold a BatchNorm; check"
         " `folds_norm` first.")

@@ -117,6 +117,7 @@ def effective_squeeze_excite_affine(
     weight: ArrayLike, bias: ArrayLike | None, x: ArrayLike, mul: ArrayLike,
     add: ArrayLike, *, gate: str = "hard_sigmoid",
     data_format: str = "NHWC", return_gates: bool = False,
+    mean: ArrayLike | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
   """The eSE block on ``x * mul + add``, a map and a per-channel affine.
 
@@ -134,13 +135,15 @@ def effective_squeeze_excite_affine(
     gate: output nonlinearity.
     data_format: one of `se_jax.primitives.DATA_FORMATS`.
     return_gates: also return the (N, C) float32 gates.
+    mean: the (N, C) mean of `x` over its positions, if the caller has it
+      (see `se_jax.squeeze_excite_affine`); default: computed from `x`.
 
   Returns:
     The recalibrated affine map in the dtype of `x` (formed in float32 and
     rounded once), or ``(y, gates)``.
 
   Raises:
-    ValueError: if `mul` or `add` is not (C,), or as
+    ValueError: if `mul` or `add` is not (C,), `mean` not (N, C), or as
       `effective_squeeze_excite`. TypeError: for non-float inputs.
 
   >>> x = jnp.ones((2, 4, 4, 8))
@@ -164,7 +167,10 @@ def effective_squeeze_excite_affine(
   mul, add = mul.astype(f32), add.astype(f32)
   xl = jnp.moveaxis(x, c_axis, -1)
   flat = xl.reshape(x.shape[0], -1, channels)
-  z = jnp.mean(flat, axis=1, dtype=f32) * mul[None] + add[None]
+  pooled = primitives._given_mean(mean, x, channels)
+  if pooled is None:
+    pooled = jnp.mean(flat, axis=1, dtype=f32)
+  z = pooled * mul[None] + add[None]
   gates = ese_gate(weight, bias, z, gate=gate)
   y = primitives._affine_scale(flat, mul.reshape(1, 1, -1),
                                add.reshape(1, 1, -1), gates)
@@ -243,7 +249,7 @@ class EffectiveSqueezeExcite(Attention):
     return not self.options.add_maxpool
 
   def affine_call(self, x: jax.Array, mul: jax.Array, add: jax.Array,
-                  dtype=None) -> jax.Array:
+                  dtype=None, mean: jax.Array | None = None) -> jax.Array:
     """The block on ``x * mul + add`` (a folded BatchNorm), in `dtype`
     (default: x's), without storing that map for the gradient: see
     `effective_squeeze_excite_affine`. Needs ``add_maxpool=False``."""
@@ -251,6 +257,6 @@ class EffectiveSqueezeExcite(Attention):
       raise ValueError("affine_call needs add_maxpool=False.")
     y, gates = effective_squeeze_excite_affine(
         self.weight[...], self.bias[...], x, mul, add,
-        gate=self.options.gate, return_gates=True)
+        gate=self.options.gate, return_gates=True, mean=mean)
     self._record(gates)
     return y if dtype is None else y.astype(dtype)

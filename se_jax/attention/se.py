@@ -137,7 +137,7 @@ class SqueezeExcite(Attention):
     return self.options.squeeze == "avg" and not self.options.no_squeeze
 
   def affine_call(self, x: jax.Array, mul: jax.Array, add: jax.Array,
-                  dtype=None) -> jax.Array:
+                  dtype=None, mean: jax.Array | None = None) -> jax.Array:
     """The block on ``x * mul + add`` (a folded BatchNorm), in `dtype`
     (default: x's), without storing that map for the gradient: see
     `se_jax.squeeze_excite_affine`. Needs average pooling and a squeeze."""
@@ -148,6 +148,6 @@ class SqueezeExcite(Attention):
           f" no_squeeze={self.options.no_squeeze}.")
     y, gates = primitives.squeeze_excite_affine(
         self.params, x, mul, add, activation=self.options.activation,
-        gate=self.options.gate, return_gates=True)
+        gate=self.options.gate, return_gates=True, mean=mean)
     self._record(gates)
     return y if dtype is None else y.astype(dtype)
