@@ -258,8 +258,21 @@ def gate_trajectory(se_runs: list[dict]) -> dict:
   found = {s: t for s, t in found.items() if t is not None}
   if not found:
     return {}
-  first = next(r for r in se_runs if r["seed"] in found)
-  return study_report.trajectory(found, steps_per_epoch(first["run_dir"]))
+  # Seeds are compared snapshot by snapshot: those whose snapshots are at
+  # other steps (a run resumed without its earlier snapshots) are left out.
+  groups: dict[tuple, dict] = {}
+  for s, t in found.items():
+    groups.setdefault(tuple(int(x) for x in t["steps"]), {})[s] = t
+  kept = max(groups.values(), key=len)
+  left_out = sorted(set(found) - set(kept))
+  if left_out:
+    print(f"[converged] the snapshots of seed(s) {left_out} are at other"
+          f" steps than those of seed(s) {sorted(kept)}: left out of the"
+          " trajectory", file=sys.stderr, flush=True)
+  first = next(r for r in se_runs if r["seed"] in kept)
+  traj = study_report.trajectory(kept, steps_per_epoch(first["run_dir"]))
+  traj["left_out"] = left_out
+  return traj
 
 
 def report(args, runs: list[dict]) -> dict:
@@ -434,6 +447,9 @@ def _trajectory_markdown(traj: dict) -> str:
   out.append(
       f"\nEvery block within reach (correlation >= {reach} with the"
       " converged profiles, and staying so): " + "; ".join(words) + ".\n")
+  if traj.get("left_out"):
+    out.append(f"Seed(s) {traj['left_out']} left out: their snapshots are at"
+               " other steps.\n")
   out.append("![The gates along training](gate_trajectory.png)\n")
   return "\n".join(out)
 

@@ -91,8 +91,9 @@ def trajectory(runs: dict, steps_per_epoch: float) -> dict:
   Returns:
     ``{"epochs": (S,) of the first seed, "blocks": [...], "correlation":
     {seed: {block: [S]}}, "min_correlation": {seed: [S]}, "top1_err":
-    {seed: [S]}, "reach_epoch": {seed: first epoch at which every block's
-    correlation is >= REACH (and stays so), or None}}``, correlations by
+    {seed: [S]}, "reach_epoch": {seed: first epoch before the last
+    snapshot at which every block's correlation is >= REACH and stays so,
+    or None}}``, correlations by
     `se_jax.analysis.profile_correlation` with the last snapshot.
 
   Raises:
@@ -116,8 +117,10 @@ def trajectory(runs: dict, steps_per_epoch: float) -> dict:
                    for p in prof[b]] for b in blocks}
     low[s] = [min(corr[s][b][i] for b in blocks) for i in range(len(steps))]
     within = np.asarray(low[s]) >= REACH
-    # The first snapshot from which every later one is within reach.
-    first = next((i for i in range(len(steps)) if within[i:].all()), None)
+    # The first snapshot from which every later one is within reach; the
+    # last snapshot, the converged network itself, does not count.
+    first = next((i for i in range(len(steps) - 1) if within[i:].all()),
+                 None)
     reach[s] = None if first is None else float(epochs[first])
     err[s] = [float(e) for e in runs[s]["top1_err"]]
   return {"epochs": epochs.tolist(), "blocks": blocks, "correlation": corr,
