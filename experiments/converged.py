@@ -358,10 +358,13 @@ def _to_markdown(results: dict, prov: dict, args) -> str:
       f" {cfg.learning_rate} with {cfg.schedule} decay (the recipe of"
       " experiments/configs/fashion_mnist_se_resnet20.py); test error on"
       " the 10,000 test images. Within a seed both networks see the same"
-      " batches and augmentation. Training times are this machine's.\n")
+      " batches and augmentation. A training time is that of the run's"
+      " last invocation (a resumed run counts from its resumption), on the"
+      " machine that ran it.\n")
   out.append("## Test error\n")
   out.append("| seed | " + " | ".join(f"`{m}` (%)" for m in (baseline, model))
-             + " | difference | train time (s) |\n|---|---|---|---|---|")
+             + " | difference | train time (s) of the last invocation |"
+             "\n|---|---|---|---|---|")
   by = {(r["model"], r["seed"]): r for r in results["runs"]}
   for s in sorted({r["seed"] for r in results["runs"]}):
     a, b = by.get((baseline, s)), by.get((model, s))

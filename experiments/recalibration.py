@@ -224,21 +224,18 @@ def describe(results: dict) -> list[str]:
     mine = conv["this_run"]
     corr = [r["correlation"] for r in conv["blocks"].values()
             if "correlation" in r]
+    spread = lambda m: (f"{m[0]:.2f}%" if m[1] is None
+                        else f"{m[0]:.2f} +- {m[1]:.2f}%")
     lines.append(
-        f"Against the converged study ({len(conv['seeds'])} seeds of"
+        f"Against the converged study ({len(conv['seeds'])} seed(s) of"
         f" {conv['epochs']:g} epochs): this run's test errors are"
         f" {mine['baseline']:.2f}% without SE and {mine['attention']:.2f}%"
-        f" with SE, against {base[0]:.2f} +- {base[1]:.2f}% and"
-        f" {se[0]:.2f} +- {se[1]:.2f}% converged."
+        f" with SE, against {spread(base)} and {spread(se)} converged."
         + (f" Its gates' class profiles correlate with those of the"
            f" converged network of the same seed at"
            f" {min(corr):.2f}-{max(corr):.2f} across the blocks (mean"
            f" {np.mean(corr):.2f})." if corr else "")
-        + (f" The converged run's own gates were as close to their final"
-           f" values after {conv['equivalent_epoch']:.2f} of its"
-           f" {conv['epochs']:g} epochs (the study's section \"How soon the"
-           " gates settle\")." if conv.get("equivalent_epoch") is not None
-           else ""))
+        + _equivalence(conv))
     lines.append(
         "What this run can and cannot show: one seed and a short schedule"
         " show how the gates depend on the image and its class, and how far"
@@ -353,6 +350,20 @@ def _to_markdown(results: dict, prov: dict) -> str:
   return "\n".join(out) + "\n"
 
 
+def _equivalence(conv: dict) -> str:
+  """Where this run's gates sit on the converged run's own trajectory."""
+  e = conv.get("equivalent_epoch")
+  if e is None:
+    return ""
+  where = " (the study's section \"How soon the gates settle\")."
+  if conv.get("before_first_snapshot"):
+    return (" They are further from them than the converged run's own gates"
+            f" were at its first snapshot, after {e:.2f} of its"
+            f" {conv['epochs']:g} epochs" + where)
+  return (" The converged run's own gates were as close to their final"
+          f" values after {e:.2f} of its {conv['epochs']:g} epochs" + where)
+
+
 def against_converged(args, seed, gates, labels, stats, table) -> dict:
   """This run beside the committed converged study: test errors, the gate
   measures of every block, and how close its gates are to those of the
@@ -416,6 +427,10 @@ def against_converged(args, seed, gates, labels, stats, table) -> dict:
   if seed_corr and corr:
     out["equivalent_epoch"] = study_report.equivalent_epoch(
         traj["epochs"], seed_corr, corr)
+    shared = [b for b in corr if b in seed_corr]
+    out["before_first_snapshot"] = bool(
+        np.mean([corr[b] for b in shared])
+        < np.mean([seed_corr[b][0] for b in shared]))
   return out
 
 

@@ -216,12 +216,20 @@ def test_the_main_job_is_compared_with_the_converged_study(tmp_path):
              "gate_stats": stats, "dataset": "fashion_mnist"}
   text = " ".join(recalibration.describe(results))
   assert "9.00% without SE and 9.50% with SE, against 7.00 +- 0.20%" in text
+  # A study of one seed has no spread.
+  one = dict(out, errors={"baseline": (7.0, None), "attention": (6.8, None)})
+  text_one = " ".join(recalibration.describe(dict(results, converged=one)))
+  assert "against 7.00% and 6.80% converged" in text_one
   assert "the study says: The study's verdict." in text
   assert "as close to their final values" not in text
   out["equivalent_epoch"] = 2.56
   text = " ".join(recalibration.describe(results))
   assert ("as close to their final values after 2.56 of its 10 epochs"
           in text)
+  out["before_first_snapshot"] = True
+  text = " ".join(recalibration.describe(results))
+  assert "further from them than the converged run's own gates were at its" \
+         " first snapshot, after 2.56 of its 10 epochs" in text
   other = recalibration.argparse.Namespace(**{**vars(args),
                                               "model": "cifar_se_resnet56"})
   assert "of cifar_se_resnet20" in recalibration.against_converged(
