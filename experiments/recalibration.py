@@ -32,7 +32,7 @@ Everything lands in --report-dir (default WORKDIR/report): report.md,
 report.json (every number) and the figures; ``--write-results`` writes the
 committed experiments/results/recalibration instead. Training runs live in
 --workdir; rerunning the command resumes unfinished runs and reuses finished
-ones. On two CPU cores the default run takes under 20 minutes and --quick
+ones. On two CPU cores the default run takes 10 to 21 minutes and --quick
 under 3.
 """
 
@@ -61,8 +61,10 @@ from se_jax.models import capture_gates
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 # The main job's budget: both networks for this many epochs (936 steps each
-# at batch 128), then the analysis, in under 20 minutes on two CPU cores of
-# the slowest machine measured, at 0.5 s per SE-ResNet-20 step. The report
+# at batch 128), then the analysis: about 10 minutes on a two-core Xeon (from
+# its 1-epoch timing), 20.5
+# on the slowest two-core machine measured (AMD EPYC, 0.6 s per step with
+# the data pipeline). The report
 # says where this leaves the gates: their correlation with the converged
 # network of the same seed, and the epoch of the converged run's own
 # training at which its gates were as close (the study's trajectory).
