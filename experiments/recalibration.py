@@ -62,12 +62,11 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 
 # The main job's budget: both networks for this many epochs (936 steps each
 # at batch 128), then the analysis: about 10 minutes on a two-core Xeon (from
-# its 1-epoch timing), 20.5
-# on the slowest two-core machine measured (AMD EPYC, 0.6 s per step with
-# the data pipeline). The report
-# says where this leaves the gates: their correlation with the converged
-# network of the same seed, and the epoch of the converged run's own
-# training at which its gates were as close (the study's trajectory).
+# its 1-epoch timing), 20.5 on the slowest two-core machine measured (AMD
+# EPYC, 0.6 s per step with the data pipeline). The report says where this
+# leaves the gates: their correlation with the converged network of the same
+# seed, and the epoch of the converged run's own training at which its gates
+# were as close (the study's trajectory).
 DEFAULT_EPOCHS = 2.0
 
 # What Figs. 6-7 of the paper show, block by block (Sec. 7.2;
