@@ -34,7 +34,6 @@ from experiments import cli, data, files, paper, study_report, trainer
 from experiments.configs import common
 from experiments.configs import fashion_mnist_se_resnet20 as recipe_config
 from experiments.provenance import markdown_header, provenance
-from se_jax import analysis
 from se_jax import models as se_jax_models
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -155,12 +154,12 @@ def save_trajectory(config, workdir: str, path: str) -> None:
     print(f"[converged] reading the gates of {os.path.basename(workdir)} at"
           f" step {step}", file=sys.stderr, flush=True)
     model, _ = trainer.restore_model(config, workdir, step)
-    sample, _ = gate_analysis(config, model, data_dir=config.data_dir,
-                              max_examples=config.max_eval_examples)
+    sample, measures = gate_analysis(config, model, data_dir=config.data_dir,
+                                     max_examples=config.max_eval_examples)
     errors.append(sample.top1_err)
-    for block, gates in sample.gates.items():
-      classes, mean, _ = analysis.class_gate_profiles(gates, sample.labels)
-      profiles.setdefault(block, []).append(mean)
+    classes = np.unique(sample.labels)
+    for block, m in measures.items():
+      profiles.setdefault(block, []).append(m["class_means"])
   arrays = {f"profile/{b}": np.stack(v) for b, v in profiles.items()}
   tmp = path + ".tmp.npz"
   np.savez_compressed(tmp, steps=np.asarray(steps),
