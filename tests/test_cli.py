@@ -62,6 +62,8 @@ BAD_INPUTS = [
     (["--config.checkpoint_every_steps=0"], {},
      "checkpoint_every_steps=0 is not allowed"),
     (["--config.keep_checkpoints=0"], {}, "keep_checkpoints=0 is not allowed"),
+    (["--config.keep_checkpoint_every_steps=0"], {},
+     "keep_checkpoint_every_steps=0 is not allowed"),
     (["--config.compute_dtype=fp16"], {},
      "compute_dtype='fp16' is not allowed: one of 'float32', 'bfloat16'."),
     (["--config.dataset=imagenet"], {},
