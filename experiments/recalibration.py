@@ -425,13 +425,10 @@ def against_converged(args, seed, gates, labels, stats, table) -> dict:
   seed_corr = (traj.get("correlation") or {}).get(str(seed))
   corr = {b: r["correlation"] for b, r in out["blocks"].items()
           if "correlation" in r}
-  if seed_corr and corr:
-    out["equivalent_epoch"] = study_report.equivalent_epoch(
-        traj["epochs"], seed_corr, corr)
-    shared = [b for b in corr if b in seed_corr]
-    out["before_first_snapshot"] = bool(
-        np.mean([corr[b] for b in shared])
-        < np.mean([seed_corr[b][0] for b in shared]))
+  place = (study_report.equivalent_epoch(traj["epochs"], seed_corr, corr)
+           if seed_corr and corr else None)
+  if place is not None:
+    out["equivalent_epoch"], out["before_first_snapshot"] = place
   return out
 
 

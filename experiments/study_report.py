@@ -127,7 +127,8 @@ def trajectory(runs: dict, steps_per_epoch: float) -> dict:
           "min_correlation": low, "top1_err": err, "reach_epoch": reach}
 
 
-def equivalent_epoch(epochs, correlation: dict, mine: dict) -> float | None:
+def equivalent_epoch(epochs, correlation: dict,
+                     mine: dict) -> tuple[float, bool] | None:
   """The first snapshot of a long run whose gates are as close to its
   converged gates as another run's are: the epoch at which the snapshot's
   correlation, averaged over the blocks both have, reaches `mine`'s.
@@ -139,7 +140,9 @@ def equivalent_epoch(epochs, correlation: dict, mine: dict) -> float | None:
       network.
 
   Returns:
-    The epoch, or None if no block is shared.
+    ``(epoch, before_first)``, `before_first` True when the other run is
+    further from the converged gates than even the first snapshot (`epoch`
+    is then the first snapshot's); None if no block is shared.
   """
   blocks = [b for b in mine if b in correlation]
   if not blocks:
@@ -148,7 +151,7 @@ def equivalent_epoch(epochs, correlation: dict, mine: dict) -> float | None:
   along = np.mean([correlation[b] for b in blocks], axis=0)
   first = next((i for i, v in enumerate(along) if v >= target),
                len(along) - 1)
-  return float(epochs[first])
+  return float(epochs[first]), bool(target < along[0])
 
 
 def plot_trajectory(path: str, traj: dict, title: str) -> None:

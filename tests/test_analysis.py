@@ -128,11 +128,19 @@ def test_equivalent_epoch_places_a_run_on_the_trajectory():
            "c": [0.0, 0.0, 0.0, 1.0]}
   # Mean over the shared blocks a and b: 0.3, 0.6, 0.8, 1.0.
   assert study_report.equivalent_epoch(epochs, along, {"a": 0.5, "b": 0.6,
-                                                       "z": 0.0}) == 2.0
+                                                       "z": 0.0}) == (2.0,
+                                                                      False)
   assert study_report.equivalent_epoch(epochs, along, {"a": 0.8,
-                                                       "b": 0.8}) == 3.0
-  assert study_report.equivalent_epoch(epochs, along, {"a": 0.0}) == 1.0
-  assert study_report.equivalent_epoch(epochs, along, {"c": 1.0}) == 4.0
+                                                       "b": 0.8}) == (3.0,
+                                                                      False)
+  # Further than the first snapshot (0.2 for block a): placed there, and
+  # said so; as close as it: not before it.
+  assert study_report.equivalent_epoch(epochs, along, {"a": 0.0}) == (1.0,
+                                                                     True)
+  assert study_report.equivalent_epoch(epochs, along, {"a": 0.2}) == (1.0,
+                                                                     False)
+  assert study_report.equivalent_epoch(epochs, along, {"c": 1.0}) == (4.0,
+                                                                     False)
   assert study_report.equivalent_epoch(epochs, along, {"z": 0.5}) is None
 
 
