@@ -196,7 +196,10 @@ def test_quick_run_writes_the_report(tmp_path):
   (mem,) = saved["results"]["memory"]["rows"]
   assert mem["plain"] == "cifar_resnet20" and mem["ratio"] > 1.0
   for row in saved["results"]["se_block"]["rows"]:
-    assert row["floor_s"] > 0 and row["efficiency"] > 0
+    # The floor is the one read and one write every SE block makes.
+    assert row["floor_s"] == row["times"]["scaling pass"]["median_s"] > 0
+    assert row["efficiency"] == pytest.approx(
+        row["floor_s"] / row["times"]["se_jax squeeze_excite"]["median_s"])
   assert "## The SE block alone" in (tmp_path / "benchmark.md").read_text()
   # The text again from the saved measurements, measuring nothing.
   again = benchmark.main(["--report-only", "--out-dir", str(tmp_path)])
