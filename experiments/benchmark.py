@@ -539,16 +539,45 @@ def section_memory(cfg) -> dict:
   return {"rows": rows}
 
 
+# The 3x3 convolutions of a CIFAR ResNet, (H, C_in, C_out, stride).
+CIFAR_CONV_SHAPES = ((32, 3, 16, 1), (32, 16, 16, 1), (32, 16, 32, 2),
+                     (16, 32, 32, 1), (16, 32, 64, 2), (8, 64, 64, 1))
+
+
+def cifar_conv_counts(depth: int) -> tuple[int, ...]:
+  """How often a CIFAR ResNet of `depth` layers has each shape of
+  `CIFAR_CONV_SHAPES`: the stem, then three stages of (depth - 2) / 6
+  basic units, the first unit of stages 2 and 3 striding."""
+  n = (depth - 2) // 6
+  if depth < 8 or (depth - 2) % 6:
+    raise ValueError(f"a CIFAR ResNet has depth 6n + 2, got {depth}")
+  return (1, 2 * n, 1, 2 * n - 1, 1, 2 * n - 1)
+
+
+def _conv_totals(rows: list[dict], depth: int) -> dict[str, float]:
+  """Seconds each program's convolutions take in one training step of a
+  CIFAR ResNet of `depth`, from the per-shape times of `section_kernels`;
+  the first layer's input gradient, which training does not compute, left
+  out."""
+  counts = dict(zip(CIFAR_CONV_SHAPES, cifar_conv_counts(depth)))
+  totals: dict[str, float] = {}
+  for r in rows:
+    _, h, _, cin, cout, stride = r["shape"]
+    count = counts[(h, cin, cout, stride)]
+    for name, t in r["times"].items():
+      if cin == 3 and "input grad" in name:
+        continue
+      totals[name] = totals.get(name, 0.0) + count * t["median_s"]
+  return totals
+
+
 def section_kernels(cfg) -> dict:
   """Each convolution of the CIFAR ResNets: forward and both gradients,
   se_jax's `conv2d` against XLA's convolution and PyTorch's."""
   batch, dtype = cfg["cifar_batch"], cfg["dtype"] or jnp.float32
-  # (H, C_in, C_out, stride, count in ResNet-20)
-  shapes = [(32, 3, 16, 1, 1), (32, 16, 16, 1, 6), (32, 16, 32, 2, 1),
-            (16, 32, 32, 1, 5), (16, 32, 64, 2, 1), (8, 64, 64, 1, 5)]
   rows = []
-  totals: dict[str, float] = {}
-  for h, cin, cout, stride, count in shapes:
+  for (h, cin, cout, stride), count in zip(CIFAR_CONV_SHAPES,
+                                           cifar_conv_counts(20)):
     ho = h // stride
     k = jax.random.key(1)
     x = _jax_images(batch, h, cin, dtype)
@@ -600,12 +629,9 @@ def section_kernels(cfg) -> dict:
     times = time_alternating(fns, cfg["repeats"])
     rows.append({"shape": [batch, h, h, cin, cout, stride], "count": count,
                  "times": times})
-    for name, t in times.items():
-      # A network's first conv needs no input gradient.
-      if h == 32 and cin == 3 and "input grad" in name:
-        continue
-      totals[name] = totals.get(name, 0.0) + count * t["median_s"]
-  return {"rows": rows, "resnet20_totals_s": totals}
+  return {"rows": rows, "resnet20_totals_s": _conv_totals(rows, 20),
+          "totals_s": {str(d): _conv_totals(rows, d)
+                       for d in cfg["cifar_depths"]}}
 
 
 def section_tuning(cfg) -> dict:
@@ -804,17 +830,32 @@ def evidence(results: dict) -> list[str]:
         " PyTorch's oneDNN kernels, which bounds the whole step.")
   c = results.get("cifar")
   if c and k:
-    row = next((r for r in c["rows"] if r["depth"] == 20), None)
-    if row is not None:
-      step = row["times"]["se_jax cifar_se_resnet20"]["median_s"]
-      conv = sum(v for n, v in k["resnet20_totals_s"].items()
-                 if n.startswith("se_jax"))
-      lines.append(
-          f"In se_jax's SE-ResNet-20 step ({1e3 * step:.0f} ms) the"
+    for row in c["rows"]:
+      d = row["depth"]
+      tot = k.get("totals_s", {}).get(str(d))
+      if tot is None and d == 20:
+        tot = k["resnet20_totals_s"]
+      if tot is None:
+        continue
+      step = row["times"][f"se_jax cifar_se_resnet{d}"]["median_s"]
+      conv = sum(v for n, v in tot.items() if n.startswith("se_jax"))
+      line = (
+          f"In se_jax's SE-ResNet-{d} step ({1e3 * step:.0f} ms) the"
           f" convolutions measured alone account for {1e3 * conv:.0f} ms;"
           f" the other {1e3 * max(step - conv, 0):.0f} ms are BatchNorm,"
           " ReLU, SE, the layout changes of the kernel gradients and the"
-          " update.")
+          " update")
+      pt_name = f"PyTorch cifar_se_resnet{d} CL"
+      if pt_name in row["times"] and "PyTorch CL forward" in tot:
+        pt_step = row["times"][pt_name]["median_s"]
+        pt_conv = sum(v for n, v in tot.items() if n.startswith("PyTorch"))
+        line += (
+            f". PyTorch channels_last: step {1e3 * pt_step:.0f} ms, the"
+            f" same convolutions alone {1e3 * pt_conv:.0f} ms, the other"
+            f" {1e3 * max(pt_step - pt_conv, 0):.0f} ms; convolutions"
+            f" {conv / pt_conv:.2f}x PyTorch's time, the rest"
+            f" {max(step - conv, 0) / max(pt_step - pt_conv, 1e-9):.2f}x")
+      lines.append(line + ".")
   tu = results.get("tuning")
   if tu:
     t = tu["times"]
@@ -1041,11 +1082,18 @@ def to_markdown(results: dict, checks: list[dict], prov: dict,
     for r in k["rows"]:
       out.append(f"| {', '.join(map(str, r['shape']))} | {r['count']} | "
                  + " | ".join(_ms(r["times"][n]) for n in names) + " |")
-    out.append("| ResNet-20 total | | " + " | ".join(
-        f"{1e3 * k['resnet20_totals_s'][n]:.0f}" for n in names) + " |\n")
-    out.append("The total counts each shape as often as ResNet-20 has it and"
-               " leaves out the first layer's input gradient, which"
-               " training does not compute.\n")
+    totals = k.get("totals_s", {"20": k["resnet20_totals_s"]})
+    for d, tot in totals.items():
+      out.append(f"| ResNet-{d} total | | " + " | ".join(
+          f"{1e3 * tot[n]:.0f}" for n in names) + " |")
+    out.append("")
+    others = "; ".join(
+        f"ResNet-{d}: " + ", ".join(map(str, cifar_conv_counts(int(d))))
+        for d in totals if d != "20")
+    out.append("A total counts each shape as often as the network has it"
+               + (f" ({others})" if others else "") + " and leaves out the"
+               " first layer's input gradient, which training does not"
+               " compute.\n")
   if "tuning" in results:
     tu = results["tuning"]
     out.append(f"## What se_jax's measures buy: `{tu['model']}`, batch"

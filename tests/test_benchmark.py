@@ -94,6 +94,44 @@ def test_se_input_bytes_counts_every_se_blocks_map():
   assert benchmark.se_input_bytes("se_resnet50", 2, 224) == 4 * 2 * per_image
 
 
+def test_cifar_conv_counts_cover_every_convolution():
+  # ResNet-20 and ResNet-110 have 19 and 109 convolutions besides the
+  # classifier (He et al. 2016, Sec. 4.2: 6n + 2 weighted layers, n = 3, 18).
+  assert benchmark.cifar_conv_counts(20) == (1, 6, 1, 5, 1, 5)
+  assert sum(benchmark.cifar_conv_counts(110)) == 109
+  assert sum(benchmark.cifar_conv_counts(56)) == 55
+  with pytest.raises(ValueError, match="6n \\+ 2, got 21"):
+    benchmark.cifar_conv_counts(21)
+
+
+def test_conv_totals_weigh_each_shape_by_its_count():
+  rows = [{"shape": [8, h, h, cin, cout, s], "times": {
+      "a forward": _t(1), "a input grad": _t(10)}}
+      for h, cin, cout, s in benchmark.CIFAR_CONV_SHAPES]
+  totals = benchmark._conv_totals(rows, 110)
+  assert totals["a forward"] == pytest.approx(0.109)
+  # No input gradient for the first layer.
+  assert totals["a input grad"] == pytest.approx(1.08)
+
+
+def test_evidence_compares_the_rest_of_the_step_with_pytorch():
+  results = {
+      "kernels": {"resnet20_totals_s": {}, "totals_s": {"110": {
+          "se_jax forward": 1.0, "se_jax input grad": 1.0,
+          "se_jax kernel grad": 1.0, "PyTorch CL forward": 0.5,
+          "PyTorch CL input grad": 0.5, "PyTorch CL kernel grad": 1.0}}},
+      "cifar": {"rows": [{"depth": 110, "times": {
+          "se_jax cifar_se_resnet110": _t(5000),
+          "PyTorch cifar_se_resnet110 CL": _t(3000)}}]},
+  }
+  text = " ".join(benchmark.evidence(results))
+  assert ("In se_jax's SE-ResNet-110 step (5000 ms) the convolutions"
+          " measured alone account for 3000 ms; the other 2000 ms") in text
+  assert ("step 3000 ms, the same convolutions alone 2000 ms, the other"
+          " 1000 ms; convolutions 1.50x PyTorch's time, the rest 2.00x."
+          ) in text
+
+
 def test_evidence_names_what_bounds_the_step():
   results = {
       "kernels": {"resnet20_totals_s": {
