@@ -9,6 +9,8 @@ import shlex
 import subprocess
 import sys
 
+from experiments import hugepages
+
 
 def _commit() -> str:
   try:
@@ -58,6 +60,7 @@ def provenance() -> dict:
                  f" ({devices[0].platform})",
       "versions": {"python": platform.python_version(), "jax": jax.__version__,
                    "flax": flax.__version__},
+      "memory_pages": hugepages.state(),
   }
 
 
@@ -67,5 +70,7 @@ def markdown_header(title: str, prov: dict) -> str:
       f"Written by `{prov['command']}` on {prov['date']}, commit"
       f" {prov['commit']}.\nMachine: {prov['machine']}; devices:"
       f" {prov['devices']}; jax {prov['versions']['jax']}, flax"
-      f" {prov['versions']['flax']}."
+      f" {prov['versions']['flax']}"
+      + (f"; memory: {prov['memory_pages']}." if "memory_pages" in prov
+         else ".")
   )
