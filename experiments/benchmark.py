@@ -49,6 +49,7 @@ import json
 import os
 import re
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -68,7 +69,7 @@ from se_jax.models import create
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
 SECTIONS = ("inference", "train", "cifar", "se_block", "memory", "kernels",
-            "tuning")
+            "tuning", "allocator")
 
 # XLA:CPU's option that keeps convolutions off YNNPACK (jaxlib 0.10): what a
 # user would have to pass to make XLA's own convolutions fast. Measured as
@@ -666,6 +667,59 @@ def section_tuning(cfg) -> dict:
                    "times": fold_times, "peak_bytes": fold_peak}}
 
 
+# A child process timing the trainer's step: what the allocator section
+# runs, once with huge pages advised and once without.
+_ALLOCATOR_CHILD = """
+import json, resource, sys, time
+from experiments import benchmark, hugepages
+name, batch, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+run = benchmark.jax_train_step(name, batch, 32, 10, None)[0]
+run(); run()
+r0, times = resource.getrusage(resource.RUSAGE_SELF), []
+for _ in range(repeats):
+  t0 = time.perf_counter(); run(); times.append(time.perf_counter() - t0)
+r1 = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"times": times, "state": hugepages.state(),
+                  "faults": (r1.ru_minflt - r0.ru_minflt) / repeats,
+                  "system_s": (r1.ru_stime - r0.ru_stime) / repeats}))
+"""
+
+
+def section_allocator(cfg) -> dict:
+  """The CIFAR SE-ResNet-20 training step in fresh processes, with glibc's
+  huge pages advised (what the experiment scripts run with, see
+  `experiments.hugepages`) and without, the two alternating."""
+  if cfg["gpu"] or sys.platform != "linux":
+    return {"skipped": "glibc's page advice concerns CPU buffers on Linux"}
+  name, batch = "cifar_se_resnet20", cfg["cifar_batch"]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  envs = {"huge pages advised": {**base,
+                                 "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
+          "4 KiB pages": {**base, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}}
+  runs = {k: [] for k in envs}
+  rounds = 1 if cfg["repeats"] <= 3 else 3
+  print(f"[allocator] {name} at batch {batch}, {rounds} rounds",
+        file=sys.stderr, flush=True)
+  for r in range(rounds):
+    for k in (list(envs) if r % 2 == 0 else list(envs)[::-1]):
+      out = subprocess.run(
+          [sys.executable, "-c", _ALLOCATOR_CHILD, name, str(batch),
+           str(cfg["repeats"])], cwd=root, env=envs[k], check=True,
+          capture_output=True, text=True).stdout
+      runs[k].append(json.loads(out.strip().splitlines()[-1]))
+  rows = {}
+  for k, rs in runs.items():
+    times = [t for r in rs for t in r["times"]]
+    rows[k] = {"median_s": statistics.median(times), "min_s": min(times),
+               "max_s": max(times), "n": len(times),
+               "faults_per_step": statistics.median(r["faults"] for r in rs),
+               "system_s_per_step": statistics.median(
+                   r["system_s"] for r in rs),
+               "state": rs[0]["state"]}
+  return {"model": name, "batch": batch, "rounds": rounds, "rows": rows}
+
+
 # ------------------------------------------------------------------ report
 
 
@@ -881,6 +935,21 @@ def evidence(results: dict) -> list[str]:
           f" {_ratio(t, se, plain):.3f} against {_ratio(t, apart, plain):.3f},"
           f" and SE / plain peak memory {m[se] / m[plain]:.3f} against"
           f" {m[apart] / m[plain]:.3f}.")
+  al = results.get("allocator", {})
+  if "rows" in al:
+    on, off = al["rows"]["huge pages advised"], al["rows"]["4 KiB pages"]
+    lines.append(
+        f"Memory pages: in fresh processes, the {al['model']} step at batch"
+        f" {al['batch']} takes {_ms(on)} ms with glibc's huge pages advised"
+        f" (the experiment scripts' setting) and {_ms(off)} ms without"
+        f" ({off['median_s'] / on['median_s']:.2f}x), with"
+        f" {on['faults_per_step']:,.0f} against"
+        f" {off['faults_per_step']:,.0f} page faults and"
+        f" {1e3 * on['system_s_per_step']:.0f} against"
+        f" {1e3 * off['system_s_per_step']:.0f} ms of system time per step:"
+        " XLA:CPU allocates the step's buffers afresh on every call. A"
+        " program of the user's own gets the same by starting Python with"
+        " `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`.")
   lines.extend(_inference_evidence(results))
   torch_se = _torch_se_overheads(results)
   if torch_se:
@@ -1094,6 +1163,22 @@ def to_markdown(results: dict, checks: list[dict], prov: dict,
                + (f" ({others})" if others else "") + " and leaves out the"
                " first layer's input gradient, which training does not"
                " compute.\n")
+  if "rows" in results.get("allocator", {}):
+    al = results["allocator"]
+    out.append("## Memory pages: the training step in fresh processes\n")
+    out.append(
+        f"`{al['model']}`, batch {al['batch']}, the trainer's step in"
+        f" {al['rounds']} pair(s) of fresh processes, one with"
+        " `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (huge pages advised, what"
+        " the experiment scripts restart with; `experiments/hugepages.py`)"
+        " and one with `glibc.malloc.hugetlb=0`, the pairs alternating;"
+        " page faults and system time per step from `getrusage`.\n")
+    out.append("| process | median ms | page faults / step | system ms / step"
+               " | pages |\n|---|---|---|---|---|")
+    for k, r in al["rows"].items():
+      out.append(f"| {k} | {_ms(r)} | {r['faults_per_step']:,.0f} |"
+                 f" {1e3 * r['system_s_per_step']:.0f} | {r['state']} |")
+    out.append("")
   if "tuning" in results:
     tu = results["tuning"]
     out.append(f"## What se_jax's measures buy: `{tu['model']}`, batch"

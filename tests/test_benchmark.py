@@ -1,6 +1,7 @@
 """The benchmark's timing, target checks and report, on small inputs."""
 
 import json
+import sys
 import types
 
 import jax
@@ -9,7 +10,7 @@ import pytest
 from flax import nnx
 
 import se_jax
-from experiments import benchmark
+from experiments import benchmark, hugepages
 from se_jax.models import create
 
 
@@ -279,3 +280,33 @@ def test_bfloat16_run_on_any_device(tmp_path):
             if c["target"] == "se_overhead_train"}
   assert limits == {benchmark.TARGETS["se_overhead_train"][1]}
   assert "bfloat16 compute." in (tmp_path / "benchmark.md").read_text()
+
+
+def test_evidence_and_table_of_the_memory_pages():
+  rows = {"huge pages advised": {**_t(80), "faults_per_step": 300.0,
+                                 "system_s_per_step": 0.05,
+                                 "state": "advised"},
+          "4 KiB pages": {**_t(100), "faults_per_step": 60000.0,
+                          "system_s_per_step": 0.25, "state": "4 KiB"}}
+  results = {"allocator": {"model": "m", "batch": 128, "rounds": 3,
+                           "rows": rows}}
+  text = " ".join(benchmark.evidence(results))
+  assert ("takes 80.0 ms with glibc's huge pages advised (the experiment"
+          " scripts' setting) and 100.0 ms without (1.25x), with 300 against"
+          " 60,000 page faults and 50 against 250 ms of system time") in text
+  md = benchmark.to_markdown(results, [], {
+      "command": "c", "date": "d", "commit": "x", "machine": "m",
+      "devices": "1 x cpu", "versions": {"jax": "j", "flax": "f"}},
+      {"repeats": 1, "bf16": False})
+  assert "| 4 KiB pages | 100.0 | 60,000 | 250 | 4 KiB |" in md
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's tunables")
+def test_allocator_section_runs_both_processes():
+  out = benchmark.section_allocator(
+      {"gpu": False, "cifar_batch": 8, "repeats": 2})
+  on, off = out["rows"]["huge pages advised"], out["rows"]["4 KiB pages"]
+  assert on["n"] == off["n"] == 2 and on["median_s"] > 0
+  assert off["state"].startswith("4 KiB pages")
+  if hugepages.thp_mode() == "madvise":
+    assert on["state"].endswith("advised (glibc.malloc.hugetlb=1)")
