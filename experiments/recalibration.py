@@ -1,7 +1,7 @@
 """Adaptive recalibration: does SE help, and what do its gates do?
 
   python -m experiments.recalibration [--dataset fashion_mnist]
-      [--model cifar_se_resnet20] [--epochs 2] [--seeds 0] [--quick]
+      [--model cifar_se_resnet20] [--epochs 1.5] [--seeds 0] [--quick]
       [--write-results]
   python -m experiments.recalibration --weights legacy_seresnet50
       --dataset imagenet2012
@@ -32,7 +32,7 @@ Everything lands in --report-dir (default WORKDIR/report): report.md,
 report.json (every number) and the figures; ``--write-results`` writes the
 committed experiments/results/recalibration instead. Training runs live in
 --workdir; rerunning the command resumes unfinished runs and reuses finished
-ones. On two CPU cores the default run takes 10 to 21 minutes and --quick
+ones. On two CPU cores the default run takes 8 to 18 minutes and --quick
 under 3.
 """
 
@@ -60,14 +60,17 @@ from se_jax.models import capture_gates
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
-# The main job's budget: both networks for this many epochs (936 steps each
-# at batch 128), then the analysis: about 10 minutes on a two-core Xeon (from
-# its 1-epoch timing), 20.5 on the slowest two-core machine measured (AMD
-# EPYC, 0.6 s per step with the data pipeline). The report says where this
-# leaves the gates: their correlation with the converged network of the same
-# seed, and the epoch of the converged run's own training at which its gates
-# were as close (the study's trajectory).
-DEFAULT_EPOCHS = 2.0
+# The main job's budget: both networks for this many epochs (702 steps each
+# at batch 128), then the analysis: 17.6 minutes on the slowest two-core
+# machine measured (AMD EPYC, 0.70 s per step with the data pipeline and
+# huge pages advised; 20.6 minutes on 4 KiB pages), about 8 on a two-core
+# Xeon. Two epochs took 20.5 minutes on a faster day of the same machine.
+# The converged study's gates reach a correlation of 0.9 with their final
+# class profiles after about 4.3 epochs, beyond any 20-minute run, so the
+# report says where this leaves the gates: their correlation with the
+# converged network of the same seed, and the epoch of the converged run's
+# own training at which its gates were as close (the study's trajectory).
+DEFAULT_EPOCHS = 1.5
 
 # What Figs. 6-7 of the paper show, block by block (Sec. 7.2;
 # docs/reference/facts.md, The role of excitation).
@@ -326,7 +329,8 @@ def _to_markdown(results: dict, prov: dict) -> str:
     out.append("## Against the converged study\n")
     out.append(
         f"The committed study (experiments/results/converged/report.md):"
-        f" {len(conv['seeds'])} seeds of {conv['epochs']:g} epochs. Measures"
+        f" {len(conv['seeds'])} seed{'s' * (len(conv['seeds']) != 1)} of"
+        f" {conv['epochs']:g} epochs. Measures"
         " of this run beside the study's mean +- std over its seeds;"
         " correlation: of the per-class gate profiles with the converged"
         " network of the same seed, channel by channel (same"
