@@ -78,6 +78,22 @@ XLA_CONV_OPTION = {
     "xla_cpu_experimental_ynn_fusion_type":
         "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
+# XLA:CPU's options that name oneDNN (jaxlib 0.10), with the option that
+# keeps convolutions off YNNPACK: measured as the route to oneDNN's
+# convolutions, the kernels PyTorch uses on CPUs.
+XLA_ONEDNN_OPTIONS = {
+    "xla_cpu_use_onednn": True,
+    "xla_cpu_experimental_onednn_fusion_type":
+        "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
+    **XLA_CONV_OPTION}
+
+
+def onednn_ops(compiled) -> int:
+  """Instructions of a compiled XLA:CPU program that call oneDNN."""
+  return sum(1 for line in compiled.as_text().splitlines()
+             if "onednn" in line.lower() and "=" in line)
+
+
 # Targets of the performance issue, as (what, limit, direction).
 TARGETS = {
     "default_within_fastest_train": (
@@ -108,12 +124,22 @@ GPU_SE_OVERHEAD_TARGET = 1.03
 # ------------------------------------------------------------------ timing
 
 
+# Pause before each timed call. A runtime's worker threads keep spinning for
+# a moment after its call returns (PyTorch's OpenMP team, XLA's Eigen pool);
+# on two cores a call that starts meanwhile runs markedly slower, which
+# alternating se_jax with PyTorch would charge to whichever comes second.
+SETTLE_S = 0.25
+
+
 def time_alternating(fns: dict[str, Callable[[], object]], repeats: int,
-                     warmup: int = 2) -> dict[str, dict]:
+                     warmup: int = 2,
+                     settle_s: float = SETTLE_S) -> dict[str, dict]:
   """Median seconds per call of each function, their calls alternating.
 
   Each repeat runs every function once, in an order that reverses on every
-  other repeat, so that drift in the machine's speed hits all alike.
+  other repeat, so that drift in the machine's speed hits all alike; each
+  timed call starts `settle_s` after the previous one ended, when the
+  previous runtime's threads have gone idle.
   """
   for f in fns.values():
     for _ in range(warmup):
@@ -122,6 +148,8 @@ def time_alternating(fns: dict[str, Callable[[], object]], repeats: int,
   names = list(fns)
   for r in range(repeats):
     for k in (names if r % 2 == 0 else names[::-1]):
+      if settle_s:
+        time.sleep(settle_s)
       t0 = time.perf_counter()
       fns[k]()
       times[k].append(time.perf_counter() - t0)
@@ -644,9 +672,14 @@ def section_tuning(cfg) -> dict:
       "conv_impl='xla' + XLA conv option": (dict(conv_impl="xla"),
                                             XLA_CONV_OPTION),
       "fold_norm=False": (dict(fold_norm=False), None),
+      "conv_impl='xla' + XLA's oneDNN options": (dict(conv_impl="xla"),
+                                                 XLA_ONEDNN_OPTIONS),
   }
-  fns = {k: jax_train_step(name, batch, 32, 10, cfg["dtype"], options=o,
-                           **m)[0] for k, (m, o) in variants.items()}
+  built = {k: jax_train_step(name, batch, 32, 10, cfg["dtype"], options=o,
+                             **m) for k, (m, o) in variants.items()}
+  fns = {k: v[0] for k, v in built.items()}
+  onednn = onednn_ops(built["conv_impl='xla' + XLA's oneDNN options"][2]
+                      .compiled)
   print("[tuning] CIFAR SE-ResNet-20 variants", file=sys.stderr, flush=True)
   times = time_alternating(fns, cfg["repeats"])
   # What folding the last BN into the SE block buys, in the deepest net.
@@ -663,6 +696,7 @@ def section_tuning(cfg) -> dict:
   fold_peak = {k: peak_bytes(v[2].compiled.memory_analysis())
                for k, v in runs.items()}
   return {"model": name, "batch": batch, "times": times,
+          "onednn_ops": onednn,
           "fold": {"depth": depth, "plain": plain, "se": se,
                    "times": fold_times, "peak_bytes": fold_peak}}
 
@@ -923,6 +957,17 @@ def evidence(results: dict) -> list[str]:
         f" {_ratio(t, 'conv_impl=' + repr('xla') + ' + XLA conv option', 'default'):.2f}x;"
         " with the last BN kept apart from SE (`fold_norm=False`),"
         f" {_ratio(t, 'fold_norm=False', 'default'):.2f}x.")
+    one = "conv_impl='xla' + XLA's oneDNN options"
+    if one in t and "onednn_ops" in tu:
+      asked = ("with `xla_cpu_use_onednn` and oneDNN convolution fusions"
+               " asked for (and YNNPACK's convolutions off), the compiled"
+               f" SE-ResNet-20 step calls oneDNN in {tu['onednn_ops']}"
+               " instruction(s) and takes"
+               f" {_ratio(t, one, 'default'):.2f}x the default step's time")
+      lines.append(
+          ("oneDNN, whose kernels PyTorch runs, is not reachable through"
+           f" XLA:CPU's options in this jaxlib: {asked}.")
+          if tu["onednn_ops"] == 0 else f"XLA's oneDNN route: {asked}.")
     fold = tu.get("fold")
     if fold:
       t, m = fold["times"], fold["peak_bytes"]

@@ -310,3 +310,28 @@ def test_allocator_section_runs_both_processes():
   assert off["state"].startswith("4 KiB pages")
   if hugepages.thp_mode() == "madvise":
     assert on["state"].endswith("advised (glibc.malloc.hugetlb=1)")
+
+
+def test_onednn_ops_counts_the_instructions_that_call_onednn():
+  fake = types.SimpleNamespace(as_text=lambda: "\n".join([
+      'HloModule m, entry_computation_layout={(f32[2])->f32[2]}',
+      '%a = f32[2] custom-call(%p), custom_call_target="__onednn$convolution"',
+      '%b = f32[2] fusion(%a), kind=kCustom, calls=%__onednn_fusion',
+      '%c = f32[2] add(%b, %b)']))
+  assert benchmark.onednn_ops(fake) == 2
+  results = {"tuning": {"times": {
+      "default": _t(400), "conv_impl='xla'": _t(800),
+      "conv_impl='xla' + XLA conv option": _t(380),
+      "fold_norm=False": _t(420),
+      "conv_impl='xla' + XLA's oneDNN options": _t(410)}, "onednn_ops": 0}}
+  text = " ".join(benchmark.evidence(results))
+  assert "not reachable through XLA:CPU's options in this jaxlib" in text
+  assert "calls oneDNN in 0 instruction(s) and takes 1.02x" in text
+
+
+def test_time_alternating_settles_before_each_call(monkeypatch):
+  slept = []
+  monkeypatch.setattr(benchmark.time, "sleep", slept.append)
+  benchmark.time_alternating({"a": lambda: 0, "b": lambda: 0}, repeats=3,
+                             warmup=0, settle_s=0.5)
+  assert slept == [0.5] * 6
