@@ -153,8 +153,13 @@ def time_alternating(fns: dict[str, Callable[[], object]], repeats: int,
       t0 = time.perf_counter()
       fns[k]()
       times[k].append(time.perf_counter() - t0)
-  return {k: {"median_s": statistics.median(v), "min_s": min(v),
-              "max_s": max(v), "n": len(v)} for k, v in times.items()}
+  return {k: _summary(v) for k, v in times.items()}
+
+
+def _summary(times: list[float]) -> dict:
+  """Median, extremes and count of a program's timed calls, in seconds."""
+  return {"median_s": statistics.median(times), "min_s": min(times),
+          "max_s": max(times), "n": len(times)}
 
 
 class _Compiled:
@@ -744,9 +749,7 @@ def section_allocator(cfg) -> dict:
       runs[k].append(json.loads(out.strip().splitlines()[-1]))
   rows = {}
   for k, rs in runs.items():
-    times = [t for r in rs for t in r["times"]]
-    rows[k] = {"median_s": statistics.median(times), "min_s": min(times),
-               "max_s": max(times), "n": len(times),
+    rows[k] = {**_summary([t for r in rs for t in r["times"]]),
                "faults_per_step": statistics.median(r["faults"] for r in rs),
                "system_s_per_step": statistics.median(
                    r["system_s"] for r in rs),
