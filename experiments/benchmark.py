@@ -47,7 +47,6 @@ import argparse
 import functools
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -1272,14 +1271,7 @@ def readme_summary(results: dict, checks: list[dict], prov: dict) -> str:
 def update_readme(summary: str, path: str) -> bool:
   """Replaces the summary between the markers in README.md; False if the
   README has no markers."""
-  with open(path) as f:
-    text = f.read()
-  pattern = re.compile(re.escape(_README_START) + r".*?"
-                       + re.escape(_README_END), re.S)
-  if not pattern.search(text):
-    return False
-  files.write_atomic(path, pattern.sub(lambda _: summary, text))
-  return True
+  return files.replace_section(path, _README_START, _README_END, summary)
 
 
 def main(argv=None) -> dict:

@@ -1,7 +1,7 @@
 """The converged study: does SE help once the networks are trained?
 
   python -m experiments.converged [--seeds 0,1,2,3,4] [--train-only]
-      [--report-only]
+      [--report-only] [--update-readme]
 
 Trains CIFAR-style ResNet-20 and SE-ResNet-20 on Fashion-MNIST under the
 recipe of experiments/configs/fashion_mnist_se_resnet20.py (10 epochs of the
@@ -16,6 +16,7 @@ The study is hours of CPU. Each run checkpoints and resumes, and a finished
 run's small files (config, metrics, final result, provenance and, for the SE
 networks, the final parameters) are copied to the results directory, which
 is committed: on any machine a run found there is not trained again.
+``--update-readme`` also writes the report's verdict into README.md.
 """
 
 from __future__ import annotations
@@ -340,8 +341,40 @@ def report(args, runs: list[dict]) -> dict:
                    {"provenance": prov, **results})
   md = _to_markdown(results, prov, args)
   files.write_atomic(os.path.join(args.results, "report.md"), md)
+  if args.update_readme:
+    path = os.path.join(os.path.dirname(_HERE), "README.md")
+    if not files.replace_section(path, README_START, README_END,
+                                 readme_summary(results, prov)):
+      raise SystemExit(
+          f"--update-readme: {path} has no converged-study summary markers"
+          f" ({README_START!r} ... {README_END!r}).")
   print(md)
   return results
+
+
+README_START = "<!-- converged study summary: written by python -m"
+README_END = "<!-- end of converged study summary -->"
+
+
+def readme_summary(results: dict, prov: dict) -> str:
+  """The README's paragraph on the converged study, from its report."""
+  lines = [f"{README_START} experiments.converged --report-only"
+           " --update-readme -->",
+           f"Written from the study's runs on {prov['date']} (commit"
+           f" {prov['commit']}): {results['verdict']}"]
+  traj = results.get("trajectory")
+  if traj:
+    reach = []
+    for s in sorted(traj["reach_epoch"]):
+      e = traj["reach_epoch"][s]
+      reach.append(f"seed {s}: " + ("not before the end" if e is None
+                                    else f"epoch {e:.2f}"))
+    lines[-1] += (
+        " Every SE block's per-class gate profile stays within correlation"
+        f" {study_report.REACH} of the converged one from "
+        + "; ".join(reach) + f" (of {traj['epochs'][-1]:.2f}).")
+  lines.append(README_END)
+  return "\n".join(lines)
 
 
 def _to_markdown(results: dict, prov: dict, args) -> str:
@@ -477,6 +510,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--report-only", action="store_true",
                  help="train nothing: write the report from the finished"
                       " runs in --results")
+  p.add_argument("--update-readme", action="store_true",
+                 help="also write the report's summary into README.md")
   args = p.parse_args(argv)
   args.models = [m for m in args.models.split(",") if m]
   if len(args.models) < 2:
@@ -488,6 +523,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             " se_jax.models.names()")
   if args.train_only and args.report_only:
     p.error("--train-only and --report-only exclude each other")
+  if args.train_only and args.update_readme:
+    p.error("--update-readme needs a report; --train-only writes none")
   return args
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 
 
@@ -27,3 +28,16 @@ def write_atomic(path: str, text: str) -> None:
 
 def write_json(path: str, obj) -> None:
   write_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def replace_section(path: str, start: str, end: str, text: str) -> bool:
+  """Replaces the text from the line beginning with `start` through `end`
+  in the file at `path` by `text`; False (and nothing written) if the file
+  has no such section."""
+  with open(path) as f:
+    old = f.read()
+  pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+  if not pattern.search(old):
+    return False
+  write_atomic(path, pattern.sub(lambda _: text, old, count=1))
+  return True

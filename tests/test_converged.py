@@ -102,6 +102,39 @@ def test_report_from_the_finished_runs(study):
   assert saved["provenance"]["command"].startswith("python -m")
 
 
+def test_readme_summary_replaces_only_its_section(study, tmp_path):
+  _, argv, _ = study
+  out = converged.main(argv + ["--report-only"])
+  prov = {"date": "2026-01-01 00:00 UTC", "commit": "abc1234"}
+  summary = converged.readme_summary(out, prov)
+  assert summary.startswith(converged.README_START)
+  assert summary.endswith(converged.README_END)
+  assert out["verdict"] in summary and "commit abc1234" in summary
+  assert "(of 0.38)" in summary  # the smoke recipe's 3 steps of 8
+  readme = tmp_path / "README.md"
+  before, after = "# t\n\ntext before\n", "\n## next\n"
+  readme.write_text(before + converged.README_START + " x -->\nold\n"
+                    + converged.README_END + after)
+  assert converged.files.replace_section(
+      str(readme), converged.README_START, converged.README_END, summary)
+  text = readme.read_text()
+  assert text == before + summary + after
+  (tmp_path / "plain.md").write_text("no markers")
+  assert not converged.files.replace_section(
+      str(tmp_path / "plain.md"), converged.README_START,
+      converged.README_END, summary)
+  assert (tmp_path / "plain.md").read_text() == "no markers"
+
+
+def test_the_readme_summary_is_the_committed_reports():
+  with open(os.path.join(converged.RESULTS, "report.json")) as f:
+    saved = json.load(f)
+  with open(os.path.join(os.path.dirname(converged.RESULTS), "..", "..",
+                         "README.md")) as f:
+    readme = f.read()
+  assert converged.readme_summary(saved, saved["provenance"]) in readme
+
+
 def test_parameters_that_do_not_fit_are_refused(tmp_path):
   config = converged.make_config("cifar_se_resnet20", 0, smoke=True)
   path = str(tmp_path / "p.npz")
