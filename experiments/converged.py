@@ -360,19 +360,18 @@ def readme_summary(results: dict, prov: dict) -> str:
   """The README's paragraph on the converged study, from its report."""
   lines = [f"{README_START} experiments.converged --report-only"
            " --update-readme -->",
-           f"Written from the study's runs on {prov['date']} (commit"
-           f" {prov['commit']}): {results['verdict']}"]
+           f"From the converged study's runs (report of {prov['date']},"
+           f" commit {prov['commit']}): {results['verdict']}"]
   traj = results.get("trajectory")
   if traj:
-    reach = []
-    for s in sorted(traj["reach_epoch"]):
-      e = traj["reach_epoch"][s]
-      reach.append(f"seed {s}: " + ("not before the end" if e is None
-                                    else f"epoch {e:.2f}"))
+    seeds = sorted(traj["reach_epoch"], key=int)
+    when = ", ".join("never" if traj["reach_epoch"][s] is None
+                     else f"{traj['reach_epoch'][s]:.2f}" for s in seeds)
     lines[-1] += (
-        " Every SE block's per-class gate profile stays within correlation"
-        f" {study_report.REACH} of the converged one from "
-        + "; ".join(reach) + f" (of {traj['epochs'][-1]:.2f}).")
+        " The per-class gate profiles of every SE block stay within"
+        f" correlation {study_report.REACH} of the converged ones from epoch"
+        f" {when} of {traj['epochs'][-1]:.2f} (seed"
+        f"{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}).")
   lines.append(README_END)
   return "\n".join(lines)
 
