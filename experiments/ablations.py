@@ -2,6 +2,7 @@
 
   python -m experiments.ablations [--groups reduction,squeeze,...]
       [--seeds 0,1,2] [--epochs 1] [--train-examples 20000] [--quick]
+      [--report-only]
 
 One small network (CIFAR-style SE-ResNet-20 by default) on Fashion-MNIST,
 trained once per variant and seed under one recipe: the reduction ratio
@@ -25,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shlex
 import sys
 import time
 
@@ -39,6 +41,7 @@ from se_jax.attention.se import SEOptions
 from se_jax.models import Placement, plain_twin
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
+CONVERGED_REPORT = os.path.join(_HERE, "results", "converged", "report.json")
 
 # group -> [(variant label, SE options or None for no SE, paper row)].
 GROUPS = {
@@ -136,8 +139,66 @@ def run_group(args, group: str, seeds: list[int]) -> list[dict]:
   return rows
 
 
-def to_markdown(rows, prov, args) -> str:
+def budget_note(rows, args, converged: dict | None) -> str:
+  """What this budget can show about the variants, against the converged
+  study's comparison of the same two networks (its report.json)."""
+  base = [r for r in rows if r["group"] == "baseline"]
+  se = [r for r in rows if r["group"] != "baseline" and r["options"] is not
+        None and r["run_key"] == _standard_key(args, r["seeds"][0])]
+  if not base or not se or converged is None:
+    return ""
+  b, s = base[0], se[0]
+  gap = s["mean"] - b["mean"]
+  c = converged["comparison"]
+  n = len(c["seeds"])
+  text = (
+      f"**What this budget can show.** Every network here trains"
+      f" {args.epochs:g} epoch(s) on {args.train_examples or 'all'} images,"
+      f" and the standard SE block ends {gap:+.2f} points against the"
+      f" network without SE. Trained to convergence (10 epochs on all"
+      " training images, the converged study,"
+      " [experiments/results/converged/report.md]"
+      "(../converged/report.md)), ")
+  if n >= 2 and c.get("welch"):
+    w = c["welch"]
+    text += (
+        f"the two networks differ by {w['mean']:+.2f} points over {n} seeds"
+        f" (95% CI [{w['low']:+.2f}, {w['high']:+.2f}]).")
+    if w["low"] <= gap <= w["high"]:
+      text += (" The one-epoch gap lies inside that interval, but")
+    else:
+      text += (" The one-epoch gap lies outside that interval:"
+               " the budget changes SE's effect, and")
+  elif n == 1:
+    text += (
+        f"the one seed finished so far gives {c['attention'][0]:.2f}%"
+        f" against {c['baseline'][0]:.2f}% ({c['attention'][0] - c['baseline'][0]:+.2f}"
+        " points). With one seed no interval exists, but")
+  else:
+    return ""
+  distinct = list({r["run_key"]: r["mean"] for r in rows}.values())
+  pairs = [abs(a - b) for i, a in enumerate(distinct) for b in distinct[:i]]
+  text += (
+      " what one short epoch measures is how fast a variant starts to"
+      " learn, not how good it is once trained; and here the seeds' standard"
+      f" deviations run from {min(r['std'] for r in rows):.2f} to"
+      f" {max(r['std'] for r in rows):.2f} points, while the median"
+      f" difference between two variants' means is {np.median(pairs):.2f}"
+      " points. This budget cannot rank the variants; the paper's tables"
+      " (right-hand column) come from full ImageNet training.")
+  return text
+
+
+def _standard_key(args, seed: int) -> str:
+  """The run key of the paper's default SE block under this recipe."""
+  return run_key(make_config(args, {}, seed))
+
+
+def to_markdown(rows, prov, args, converged: dict | None = None,
+                written_by: str | None = None) -> str:
   out = [markdown_header("SE ablations at CPU scale", prov), ""]
+  if written_by:
+    out.append(written_by + "\n")
   out.append(
       f"`{args.model}` (baseline `{args.baseline}`) on {args.dataset},"
       f" {args.epochs:g} epoch(s) on {args.train_examples or 'all'} training"
@@ -145,11 +206,12 @@ def to_markdown(rows, prov, args) -> str:
       f" {args.batch_size}; FC biases off, C_r = C // r. Test error over"
       f" {args.eval_examples or 'all'} test images, mean +- std over seeds"
       f" {', '.join(map(str, rows[0]['seeds']))}. Paper: SE-ResNet-50 on"
-      " ImageNet, top-1 / top-5 error (Tables 10-16); for the attention"
-      " group, ResNet-50 with each kind as its own source reports it"
-      " (experiments/paper.py, ATTENTION_RESNET50), '-' where none does."
-      " The SE options (FC biases off, C // r) apply to SE only; every"
-      " other kind has its paper's defaults.\n")
+      " ImageNet, top-1 / top-5 error (Tables 10-16)"
+      + ("; for the attention group, ResNet-50 with each kind as its own"
+         " source reports it (experiments/paper.py, ATTENTION_RESNET50), '-'"
+         " where none does. The SE options (FC biases off, C // r) apply to"
+         " SE only; every other kind has its paper's defaults.\n"
+         if any(r["group"] == "attention" for r in rows) else ".\n"))
   out.append("| group | variant | test error (%) | each seed | params |"
              " multiply-adds | paper top-1 / top-5 |\n"
              "|---|---|---|---|---|---|---|")
@@ -192,6 +254,9 @@ def to_markdown(rows, prov, args) -> str:
               for r in clear) if clear else
              "; at this scale the other differences are within seed noise")
           + ".")
+  note = budget_note(rows, args, converged)
+  if note:
+    out.append("\n" + note)
   return "\n".join(out) + "\n"
 
 
@@ -251,6 +316,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--workdir", default="workdirs/ablations")
   p.add_argument("--report-dir",
                  default=os.path.join(_HERE, "results", "ablations"))
+  p.add_argument("--converged-report", default=CONVERGED_REPORT,
+                 help="the converged study's report.json, whose comparison"
+                      " the report sets beside this budget's")
+  p.add_argument("--report-only", action="store_true",
+                 help="train nothing: write ablations.md and the figure"
+                      " again from REPORT_DIR/ablations.json, under the"
+                      " options of the command that measured it")
   args = p.parse_args(argv)
   args.groups = [g for g in args.groups.split(",") if g]
   if args.baseline is None:
@@ -267,8 +339,39 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
+def _load_converged(path: str) -> dict | None:
+  if not path or not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def rewrite_report(args) -> list[dict]:
+  """ablations.md and its figure from the measurements in ablations.json,
+  with the measuring run's provenance and options."""
+  path = os.path.join(args.report_dir, "ablations.json")
+  if not os.path.exists(path):
+    raise SystemExit(f"--report-only: no {path}; run the ablations first.")
+  with open(path) as f:
+    saved = json.load(f)
+  prov, rows = saved["provenance"], saved["rows"]
+  measured = parse_args(shlex.split(prov["command"])[3:])
+  commit = provenance()["commit"]
+  md = to_markdown(
+      rows, prov, measured, _load_converged(args.converged_report),
+      written_by=f"Report text written from ablations.json by `python -m"
+                 f" experiments.ablations --report-only` at commit {commit}.")
+  plot(rows, os.path.join(args.report_dir, "ablations.png"),
+       f"{measured.model} on {measured.dataset}; band: {measured.baseline}")
+  files.write_atomic(os.path.join(args.report_dir, "ablations.md"), md)
+  print(md)
+  return rows
+
+
 def main(argv=None):
   args = parse_args(argv)
+  if args.report_only:
+    return rewrite_report(args)
   groups, seeds = args.groups, args.seeds
   os.makedirs(args.report_dir, exist_ok=True)
   prov = provenance()
@@ -276,7 +379,7 @@ def main(argv=None):
   rows = []
   for group in groups:
     rows.extend(run_group(args, group, seeds))
-  md = to_markdown(rows, prov, args)
+  md = to_markdown(rows, prov, args, _load_converged(args.converged_report))
   files.write_json(os.path.join(args.report_dir, "ablations.json"),
                    {"provenance": prov, "rows": rows,
                     "wall_seconds": time.perf_counter() - t0})

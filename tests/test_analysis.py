@@ -266,6 +266,38 @@ def test_ablations_run_resume_and_report(tmp_path, capsys):
   with pytest.raises(SystemExit):
     ablations.main(["--groups", "reduction,width"])
 
+  # The report set beside a converged comparison: rewritten from the
+  # saved measurements, under the options of the command that made them.
+  base, se = rows[0]["mean"], rows[1]["mean"]
+  converged = {"comparison": {
+      "seeds": [0, 1, 2], "baseline": [7.0, 7.2, 7.1],
+      "attention": [6.9, 7.0, 7.05],
+      "welch": {"mean": -0.15, "low": -0.40, "high": 0.10, "p": 0.2}}}
+  path = tmp_path / "converged.json"
+  path.write_text(json.dumps(converged))
+  saved = json.loads((tmp_path / "report" / "ablations.json").read_text())
+  saved["provenance"]["command"] = "python -m experiments.ablations " + (
+      " ".join(a for a in args if a not in ("--report-dir",
+                                            str(tmp_path / "report"))))
+  (tmp_path / "report" / "ablations.json").write_text(json.dumps(saved))
+  again = ablations.main(["--report-only", "--report-dir",
+                          str(tmp_path / "report"), "--converged-report",
+                          str(path)])
+  assert [r["test_err"] for r in again] == [r["test_err"] for r in rows]
+  text = (tmp_path / "report" / "ablations.md").read_text()
+  assert "--report-only` at commit" in text
+  assert f"the standard SE block ends {se - base:+.2f} points" in text
+  assert "differ by -0.15 points over 3 seeds (95% CI [-0.40, +0.10])" in text
+  assert "This budget cannot rank the variants" in text
+  assert "0.1 epoch(s) on 1024 images" in text
+  # Without the converged report there is nothing to set beside.
+  ablations.main(["--report-only", "--report-dir", str(tmp_path / "report"),
+                  "--converged-report", str(tmp_path / "none.json")])
+  text = (tmp_path / "report" / "ablations.md").read_text()
+  assert "What this budget can show" not in text
+  with pytest.raises(SystemExit, match="run the ablations first"):
+    ablations.main(["--report-only", "--report-dir", str(tmp_path)])
+
 
 def test_ablation_variants_of_one_network_share_runs():
   from experiments import ablations
