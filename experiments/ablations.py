@@ -156,9 +156,8 @@ def budget_note(rows, args, converged: dict | None) -> str:
       f" {args.epochs:g} epoch(s) on {args.train_examples or 'all'} images,"
       f" and the standard SE block ends {gap:+.2f} points against the"
       f" network without SE. Trained to convergence (10 epochs on all"
-      " training images, the converged study,"
-      " [experiments/results/converged/report.md]"
-      "(../converged/report.md)), ")
+      " training images: `python -m experiments.converged`, report in"
+      " experiments/results/converged/report.md), ")
   if n >= 2 and c.get("welch"):
     w = c["welch"]
     text += (
