@@ -166,8 +166,9 @@ def budget_note(rows, args, converged: dict | None) -> str:
     if w["low"] <= gap <= w["high"]:
       text += (" The one-epoch gap lies inside that interval, but")
     else:
-      text += (" The one-epoch gap lies outside that interval:"
-               " the budget changes SE's effect, and")
+      text += (" The one-epoch gap lies outside that interval, so what"
+               " SE does after one short epoch is not what it does once"
+               " trained, and")
   elif n == 1:
     text += (
         f"the one seed finished so far gives {c['attention'][0]:.2f}%"

@@ -18,10 +18,12 @@ def _commit() -> str:
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True,
         text=True, check=True, cwd=os.path.dirname(os.path.abspath(__file__)),
     ).stdout.strip()
-    # Changed code, not changed results, makes a checkout uncommitted.
+    # Changed code, not changed results (nor the README's summaries,
+    # which the scripts write from them), makes a checkout uncommitted.
     dirty = subprocess.run(
         ["git", "status", "--porcelain", "--untracked-files=no", "--",
-         ":(top)", ":(top,exclude)experiments/results"],
+         ":(top)", ":(top,exclude)experiments/results",
+         ":(top,exclude)README.md"],
         capture_output=True, text=True, check=True,
         cwd=os.path.dirname(os.path.abspath(__file__)),
     ).stdout.strip()

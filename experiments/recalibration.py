@@ -245,7 +245,7 @@ def describe(results: dict) -> list[str]:
         " show how the gates depend on the image and its class, and how far"
         " that is from where training ends; they cannot say whether SE"
         " improves the error, which needs converged networks over several"
-        " seeds: the study says: " + conv["verdict"])
+        " seeds. The converged study: " + conv["verdict"])
   agree = lambda ok: "as in the paper" if ok else "unlike the paper"
   second_last = blocks[-2] if len(blocks) > 1 else None
   lines.append(

@@ -228,7 +228,7 @@ def test_the_main_job_is_compared_with_the_converged_study(tmp_path):
   one = dict(out, errors={"baseline": (7.0, None), "attention": (6.8, None)})
   text_one = " ".join(recalibration.describe(dict(results, converged=one)))
   assert "against 7.00% and 6.80% converged" in text_one
-  assert "the study says: The study's verdict." in text
+  assert "The converged study: The study's verdict." in text
   assert "as close to their final values" not in text
   out["equivalent_epoch"] = 2.56
   text = " ".join(recalibration.describe(results))
