@@ -335,3 +335,20 @@ def test_time_alternating_settles_before_each_call(monkeypatch):
   benchmark.time_alternating({"a": lambda: 0, "b": lambda: 0}, repeats=3,
                              warmup=0, settle_s=0.5)
   assert slept == [0.5] * 6
+
+
+def test_a_variant_that_ends_its_process_is_reported_not_fatal(monkeypatch):
+  monkeypatch.setattr(benchmark, "_OPTIONS_CHILD",
+                      "import os, signal; os.kill(os.getpid(), signal.SIGILL)")
+  assert benchmark.runs_in_child("cifar_resnet20", 2, {}, {}) == (
+      "the process ended by SIGILL")
+  monkeypatch.setattr(benchmark, "_OPTIONS_CHILD",
+                      "import sys; sys.exit('no such option')")
+  assert benchmark.runs_in_child("cifar_resnet20", 2, {}, {}) == (
+      "the process exited with status 1 (no such option)")
+
+
+def test_the_options_child_runs_the_trainers_step():
+  assert benchmark.runs_in_child(
+      "cifar_resnet20", 2, benchmark.XLA_CONV_OPTION,
+      {"conv_impl": "xla"}) is None
