@@ -728,10 +728,9 @@ def runs_in_child(name: str, batch: int, options: dict,
                   model_options: dict) -> str | None:
   """None if the trainer's step of `name` compiles and runs under the XLA
   `options` in a fresh process; otherwise how that process ended."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   p = subprocess.run(
       [sys.executable, "-c", _OPTIONS_CHILD, name, str(batch),
-       json.dumps(options), json.dumps(model_options)], cwd=root,
+       json.dumps(options), json.dumps(model_options)], cwd=_ROOT,
       capture_output=True, text=True)
   if p.returncode == 0:
     return None
@@ -766,7 +765,6 @@ def section_allocator(cfg) -> dict:
   if cfg["gpu"] or sys.platform != "linux":
     return {"skipped": "glibc's page advice concerns CPU buffers on Linux"}
   name, batch = "cifar_se_resnet20", cfg["cifar_batch"]
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
   envs = {"huge pages advised": {**base,
                                  "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
@@ -779,7 +777,7 @@ def section_allocator(cfg) -> dict:
     for k in (list(envs) if r % 2 == 0 else list(envs)[::-1]):
       out = subprocess.run(
           [sys.executable, "-c", _ALLOCATOR_CHILD, name, str(batch),
-           str(cfg["repeats"])], cwd=root, env=envs[k], check=True,
+           str(cfg["repeats"])], cwd=_ROOT, env=envs[k], check=True,
           capture_output=True, text=True).stdout
       runs[k].append(json.loads(out.strip().splitlines()[-1]))
   rows = {}
