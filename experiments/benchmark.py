@@ -38,7 +38,10 @@ On a CPU the programs run in float32; on a GPU in bfloat16 (se_jax's
 experiments/results/benchmark.md and .json, states the machine, versions,
 date and commit, and checks the targets of the performance issue;
 ``--update-readme`` writes its summary into README.md's performance
-section.
+section. Each finished section is saved to OUT_DIR/benchmark.partial.json;
+a run that stops (a crash, an interruption) continues from it when started
+again on the same commit, configuration and machine (``--fresh`` measures
+everything again).
 """
 
 from __future__ import annotations
@@ -1124,7 +1127,12 @@ def _torch_se_overheads(results: dict) -> list[str]:
 
 def to_markdown(results: dict, checks: list[dict], prov: dict,
                 cfg: dict, written_by: str | None = None) -> str:
-  out = [markdown_header("se_jax benchmark", prov)
+  cont = prov.get("continued")
+  if cont:
+    cont = (f"\nThe run continued one started {cont['started']} on the same"
+            f" commit and machine; its sections {', '.join(cont['sections'])}"
+            " are from that start.")
+  out = [markdown_header("se_jax benchmark", prov) + (cont or "")
          + (f"\n{written_by}" if written_by else ""), ""]
   out.append(
       f"PyTorch {prov['versions'].get('torch', 'absent')}, timm"
@@ -1314,6 +1322,42 @@ def update_readme(summary: str, path: str) -> bool:
   return files.replace_section(path, _README_START, _README_END, summary)
 
 
+PARTIAL = "benchmark.partial.json"
+
+
+def _partial_key(prov: dict, cfg: dict) -> dict:
+  """What must match for a finished section to stand in a later run."""
+  # As it reads back from JSON, so that a saved key compares equal.
+  return json.loads(json.dumps(
+      {"commit": prov["commit"], "machine": prov["machine"],
+       "devices": prov["devices"], "versions": prov["versions"],
+       "config": cfg}))
+
+
+def load_partial(path: str, key: dict) -> dict | None:
+  """The sections that an interrupted run finished, if that run measured
+  the same commit with the same configuration on the same machine."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      partial = json.load(f)
+  except (OSError, ValueError) as e:
+    print(f"Ignoring {path}: {e}.", file=sys.stderr)
+    return None
+  if key["commit"].endswith("+uncommitted") or key["commit"] == "unknown":
+    why = f"this checkout ({key['commit']}) is not a commit"
+  elif partial.get("key") != key:
+    old = partial.get("key", {})
+    diff = sorted(k for k in key if old.get(k) != key[k])
+    why = "it differs in " + ", ".join(diff)
+  else:
+    return partial
+  print(f"Not reusing the sections in {path}: {why}; measuring them again.",
+        file=sys.stderr)
+  return None
+
+
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(
       description=__doc__.splitlines()[0],
@@ -1332,6 +1376,10 @@ def main(argv=None) -> dict:
   p.add_argument("--report-only", action="store_true",
                  help="measure nothing: write benchmark.md again from the"
                       " measurements in OUT_DIR/benchmark.json")
+  p.add_argument("--fresh", action="store_true",
+                 help=f"measure every section again, ignoring the sections"
+                      f" that an interrupted run of the same commit and"
+                      f" configuration saved in OUT_DIR/{PARTIAL}")
   p.add_argument("--update-readme", action="store_true",
                  help="write the summary into README.md's performance"
                       " section")
@@ -1350,20 +1398,40 @@ def main(argv=None) -> dict:
     import timm
     import torch
     prov["versions"].update(torch=torch.__version__, timm=timm.__version__)
-  results = {}
-  t0 = time.perf_counter()
-  for s in sections:
-    results[s] = globals()[f"section_{s}"](cfg)
-  checks = check_targets(results, cfg)
   serializable = {k: v for k, v in cfg.items() if k != "dtype"}
   serializable["dtype"] = "bfloat16" if cfg["bf16"] else "float32"
   os.makedirs(args.out_dir, exist_ok=True)
+  partial_path = os.path.join(args.out_dir, PARTIAL)
+  key = _partial_key(prov, serializable)
+  partial = (None if args.fresh
+             else load_partial(partial_path, key))
+  if partial is None:
+    partial = {"key": key, "started": prov["date"], "results": {},
+               "wall_seconds": {}}
+  reused = [s for s in sections if s in partial["results"]]
+  if reused:
+    print(f"Continuing the run started {partial['started']}: reusing"
+          f" {', '.join(reused)} from {partial_path}"
+          " (--fresh measures everything again).", file=sys.stderr)
+  for s in sections:
+    if s in partial["results"]:
+      continue
+    t0 = time.perf_counter()
+    partial["results"][s] = globals()[f"section_{s}"](cfg)
+    partial["wall_seconds"][s] = time.perf_counter() - t0
+    files.write_json(partial_path, partial)
+  results = {s: partial["results"][s] for s in sections}
+  if reused:
+    prov["continued"] = {"started": partial["started"], "sections": reused}
+  checks = check_targets(results, cfg)
   md = to_markdown(results, checks, prov, cfg)
   files.write_json(os.path.join(args.out_dir, "benchmark.json"), {
       "provenance": prov, "config": serializable, "results": results,
       "targets": checks, "evidence": evidence(results),
-      "wall_seconds": time.perf_counter() - t0})
+      "wall_seconds": sum(partial["wall_seconds"].get(s, 0.0)
+                          for s in sections)})
   files.write_atomic(os.path.join(args.out_dir, "benchmark.md"), md)
+  os.remove(partial_path)
   if args.update_readme:
     _write_readme(results, checks, prov)
   print(md)

@@ -352,3 +352,56 @@ def test_the_options_child_runs_the_trainers_step():
   assert benchmark.runs_in_child(
       "cifar_resnet20", 2, benchmark.XLA_CONV_OPTION,
       {"conv_impl": "xla"}) is None
+
+
+def test_a_stopped_run_continues_from_its_finished_sections(tmp_path,
+                                                            monkeypatch):
+  real = benchmark.provenance
+  monkeypatch.setattr(benchmark, "provenance",
+                      lambda: {**real(), "commit": "abc1234"})
+  real_memory = benchmark.section_memory
+
+  def crash(cfg):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(benchmark, "section_memory", crash)
+  argv = ["--quick", "--no-torch", "--sections", "se_block,memory",
+          "--out-dir", str(tmp_path)]
+  with pytest.raises(KeyboardInterrupt):
+    benchmark.main(argv)
+  partial = json.loads((tmp_path / benchmark.PARTIAL).read_text())
+  assert list(partial["results"]) == ["se_block"]
+  assert not (tmp_path / "benchmark.json").exists()
+
+  def measured_again(cfg):
+    raise AssertionError("a finished section was measured again")
+
+  monkeypatch.setattr(benchmark, "section_se_block", measured_again)
+  monkeypatch.setattr(benchmark, "section_memory", real_memory)
+  out = benchmark.main(argv)
+  assert out["results"]["se_block"] == partial["results"]["se_block"]
+  saved = json.loads((tmp_path / "benchmark.json").read_text())
+  assert saved["provenance"]["continued"]["sections"] == ["se_block"]
+  assert "sections se_block are from that start" in (
+      tmp_path / "benchmark.md").read_text()
+  assert not (tmp_path / benchmark.PARTIAL).exists()
+
+
+def test_saved_sections_of_another_commit_or_config_are_not_reused(
+    tmp_path, capsys):
+  path = str(tmp_path / benchmark.PARTIAL)
+  prov = {"commit": "abc1234", "machine": "m", "devices": "1 x cpu",
+          "versions": {"jax": "1"}}
+  key = benchmark._partial_key(prov, {"repeats": 9, "batches": (1, 8)})
+  assert benchmark.load_partial(path, key) is None
+  benchmark.files.write_json(path, {"key": key, "started": "then",
+                                    "results": {"cifar": {}},
+                                    "wall_seconds": {"cifar": 1.0}})
+  assert benchmark.load_partial(path, key)["results"] == {"cifar": {}}
+  other = benchmark._partial_key(prov, {"repeats": 3, "batches": (1, 8)})
+  assert benchmark.load_partial(path, other) is None
+  assert "differs in config" in capsys.readouterr().err
+  dirty = benchmark._partial_key({**prov, "commit": "abc1234+uncommitted"},
+                                 {"repeats": 9, "batches": (1, 8)})
+  assert benchmark.load_partial(path, dirty) is None
+  assert "is not a commit" in capsys.readouterr().err
