@@ -976,12 +976,22 @@ def evidence(results: dict) -> list[str]:
       if pt_name in row["times"] and "PyTorch CL forward" in tot:
         pt_step = row["times"][pt_name]["median_s"]
         pt_conv = sum(v for n, v in tot.items() if n.startswith("PyTorch"))
-        line += (
-            f". PyTorch channels_last: step {1e3 * pt_step:.0f} ms, the"
-            f" same convolutions alone {1e3 * pt_conv:.0f} ms, the other"
-            f" {1e3 * max(pt_step - pt_conv, 0):.0f} ms; convolutions"
-            f" {conv / pt_conv:.2f}x PyTorch's time, the rest"
-            f" {max(step - conv, 0) / max(pt_step - pt_conv, 1e-9):.2f}x")
+        if pt_step > pt_conv and step > conv:
+          line += (
+              f". PyTorch channels_last: step {1e3 * pt_step:.0f} ms, the"
+              f" same convolutions alone {1e3 * pt_conv:.0f} ms, the other"
+              f" {1e3 * (pt_step - pt_conv):.0f} ms; convolutions"
+              f" {conv / pt_conv:.2f}x PyTorch's time, the rest"
+              f" {(step - conv) / (pt_step - pt_conv):.2f}x")
+        else:
+          line += (
+              f". PyTorch channels_last: step {1e3 * pt_step:.0f} ms, the"
+              f" same convolutions alone {1e3 * pt_conv:.0f} ms. In this"
+              " run the convolutions timed one by one add up to more than"
+              " a whole step of "
+              + ("PyTorch" if pt_step <= pt_conv else "se_jax")
+              + ", so these timings cannot split the steps into"
+              " convolutions and the rest")
       lines.append(line + ".")
   tu = results.get("tuning")
   if tu:

@@ -131,6 +131,13 @@ def test_evidence_compares_the_rest_of_the_step_with_pytorch():
   assert ("step 3000 ms, the same convolutions alone 2000 ms, the other"
           " 1000 ms; convolutions 1.50x PyTorch's time, the rest 2.00x."
           ) in text
+  # Convolutions timed one by one that add up to more than a whole step
+  # give no split, not a ratio of a negative remainder.
+  results["cifar"]["rows"][0]["times"][
+      "PyTorch cifar_se_resnet110 CL"] = _t(1500)
+  text = " ".join(benchmark.evidence(results))
+  assert "add up to more than a whole step of PyTorch" in text
+  assert "PyTorch's time" not in text
 
 
 def test_evidence_names_what_bounds_the_step():
