@@ -89,6 +89,8 @@ XLA_ONEDNN_OPTIONS = {
     "xla_cpu_experimental_onednn_fusion_type":
         "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
     **XLA_CONV_OPTION}
+# The tuning section's name for the step under those options.
+ONEDNN_VARIANT = "conv_impl='xla' + XLA's oneDNN options"
 
 
 def onednn_ops(compiled) -> int:
@@ -680,19 +682,18 @@ def section_tuning(cfg) -> dict:
       "conv_impl='xla' + XLA conv option": (dict(conv_impl="xla"),
                                             XLA_CONV_OPTION),
       "fold_norm=False": (dict(fold_norm=False), None),
-      "conv_impl='xla' + XLA's oneDNN options": (dict(conv_impl="xla"),
-                                                 XLA_ONEDNN_OPTIONS),
+      ONEDNN_VARIANT: (dict(conv_impl="xla"), XLA_ONEDNN_OPTIONS),
   }
-  one = "conv_impl='xla' + XLA's oneDNN options"
   crash = None if cfg["gpu"] else runs_in_child(
-      name, batch, variants[one][1], variants[one][0])
+      name, batch, variants[ONEDNN_VARIANT][1], variants[ONEDNN_VARIANT][0])
   if crash:
-    print(f"[tuning] {one}: {crash}; left out", file=sys.stderr, flush=True)
-    del variants[one]
+    print(f"[tuning] {ONEDNN_VARIANT}: {crash}; left out", file=sys.stderr,
+          flush=True)
+    del variants[ONEDNN_VARIANT]
   built = {k: jax_train_step(name, batch, 32, 10, cfg["dtype"], options=o,
                              **m) for k, (m, o) in variants.items()}
   fns = {k: v[0] for k, v in built.items()}
-  onednn = None if crash else onednn_ops(built[one][2].compiled)
+  onednn = None if crash else onednn_ops(built[ONEDNN_VARIANT][2].compiled)
   print("[tuning] CIFAR SE-ResNet-20 variants", file=sys.stderr, flush=True)
   times = time_alternating(fns, cfg["repeats"])
   # What folding the last BN into the SE block buys, in the deepest net.
@@ -976,18 +977,17 @@ def evidence(results: dict) -> list[str]:
       if pt_name in row["times"] and "PyTorch CL forward" in tot:
         pt_step = row["times"][pt_name]["median_s"]
         pt_conv = sum(v for n, v in tot.items() if n.startswith("PyTorch"))
+        line += (f". PyTorch channels_last: step {1e3 * pt_step:.0f} ms,"
+                 f" the same convolutions alone {1e3 * pt_conv:.0f} ms")
         if pt_step > pt_conv and step > conv:
           line += (
-              f". PyTorch channels_last: step {1e3 * pt_step:.0f} ms, the"
-              f" same convolutions alone {1e3 * pt_conv:.0f} ms, the other"
-              f" {1e3 * (pt_step - pt_conv):.0f} ms; convolutions"
+              f", the other {1e3 * (pt_step - pt_conv):.0f} ms; convolutions"
               f" {conv / pt_conv:.2f}x PyTorch's time, the rest"
               f" {(step - conv) / (pt_step - pt_conv):.2f}x")
         else:
           line += (
-              f". PyTorch channels_last: step {1e3 * pt_step:.0f} ms, the"
-              f" same convolutions alone {1e3 * pt_conv:.0f} ms. In this"
-              " run the convolutions timed one by one add up to more than"
+              ". In this run the convolutions timed one by one add up to"
+              " more than"
               " a whole step of "
               + ("PyTorch" if pt_step <= pt_conv else "se_jax")
               + ", so these timings cannot split the steps into"
@@ -1006,19 +1006,19 @@ def evidence(results: dict) -> list[str]:
         f" {_ratio(t, 'conv_impl=' + repr('xla') + ' + XLA conv option', 'default'):.2f}x;"
         " with the last BN kept apart from SE (`fold_norm=False`),"
         f" {_ratio(t, 'fold_norm=False', 'default'):.2f}x.")
-    one = "conv_impl='xla' + XLA's oneDNN options"
     if tu.get("onednn_crash"):
       lines.append(
           "With XLA's oneDNN options (`xla_cpu_use_onednn` and oneDNN"
           " convolution fusions) the SE-ResNet-20 step does not run on this"
           f" machine: compiled and run in a child process, {tu['onednn_crash']}"
           "; the variant is left out.")
-    if one in t and tu.get("onednn_ops") is not None:
+    if ONEDNN_VARIANT in t and tu.get("onednn_ops") is not None:
       asked = ("with `xla_cpu_use_onednn` and oneDNN convolution fusions"
                " asked for (and YNNPACK's convolutions off), the compiled"
                f" SE-ResNet-20 step calls oneDNN in {tu['onednn_ops']}"
                " instruction(s) and takes"
-               f" {_ratio(t, one, 'default'):.2f}x the default step's time")
+               f" {_ratio(t, ONEDNN_VARIANT, 'default'):.2f}x the default"
+               " step's time")
       lines.append(
           ("oneDNN, whose kernels PyTorch runs, is not reachable through"
            f" XLA:CPU's options in this jaxlib: {asked}.")
@@ -1438,8 +1438,7 @@ def main(argv=None) -> dict:
   files.write_json(os.path.join(args.out_dir, "benchmark.json"), {
       "provenance": prov, "config": serializable, "results": results,
       "targets": checks, "evidence": evidence(results),
-      "wall_seconds": sum(partial["wall_seconds"].get(s, 0.0)
-                          for s in sections)})
+      "wall_seconds": sum(partial["wall_seconds"][s] for s in sections)})
   files.write_atomic(os.path.join(args.out_dir, "benchmark.md"), md)
   os.remove(partial_path)
   if args.update_readme:
