@@ -28,10 +28,11 @@ Other configurations are chosen by explicit arguments: the model options
 - ``memory``: XLA's peak memory of a training step, SE against plain.
 - ``kernels``: the convolutions of the CIFAR ResNets alone (forward, input
   gradient, kernel gradient): se_jax's `conv2d`, XLA's convolution in its
-  default pipeline, and PyTorch.
+  default pipeline and with `XLA_CONV_OPTION`, and PyTorch.
 - ``tuning``: what se_jax's measures buy: the CIFAR SE-ResNet-20 step with
-  XLA's convolutions (``conv_impl="xla"``), with them and XLA's convolution
-  option, and with the last BN apart from SE (``fold_norm=False``).
+  XLA's convolution option, with XLA's convolutions (``conv_impl="xla"``),
+  with them and that option, and with the last BN apart from SE
+  (``fold_norm=False``).
 
 On a CPU the programs run in float32; on a GPU in bfloat16 (se_jax's
 ``dtype=bfloat16``; timm in channels_last under autocast). The report,
@@ -49,6 +50,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import signal
 import statistics
@@ -102,10 +104,10 @@ def onednn_ops(compiled) -> int:
 # Targets of the performance issue, as (what, limit, direction).
 TARGETS = {
     "default_within_fastest_train": (
-        "Training step, default path / fastest se_jax configuration", 1.05,
+        "Training step, default path / fastest other se_jax configuration", 1.05,
         "max"),
     "default_within_fastest_inference": (
-        "Inference, default path / fastest se_jax configuration", 1.05,
+        "Inference, default path / fastest other se_jax configuration", 1.05,
         "max"),
     "se_overhead_inference": ("SE overhead, inference (SE / plain time)",
                               1.02, "max"),
@@ -162,9 +164,47 @@ def time_alternating(fns: dict[str, Callable[[], object]], repeats: int,
 
 
 def _summary(times: list[float]) -> dict:
-  """Median, extremes and count of a program's timed calls, in seconds."""
+  """Median, extremes, count and the timed calls themselves (in the order
+  they ran) of a program, in seconds."""
   return {"median_s": statistics.median(times), "min_s": min(times),
-          "max_s": max(times), "n": len(times)}
+          "max_s": max(times), "n": len(times), "times_s": list(times)}
+
+
+# Confidence of the intervals given for medians and ratios.
+CONFIDENCE = 0.95
+
+
+def median_interval(values, confidence: float = CONFIDENCE):
+  """A distribution-free interval for the median of what `values` sample:
+  the k-th smallest and k-th largest value, k the largest rank whose
+  binomial tail (n draws, one half) stays within (1 - confidence) / 2;
+  its coverage is at least `confidence`. None when too few values give one
+  (fewer than 6 at 95%)."""
+  xs = sorted(values)
+  n, tail, k = len(xs), 0.0, 0
+  while k < n:
+    p = math.comb(n, k) / 2 ** n
+    if tail + p > (1 - confidence) / 2:
+      break
+    tail += p
+    k += 1
+  if k == 0 or k > n - k:
+    return None
+  return xs[k - 1], xs[n - k]
+
+
+def paired_ratio(times: dict, a: str, b: str) -> dict:
+  """The time of program `a` over that of `b`: the median of the ratios of
+  their calls in the same repeat (adjacent calls, which drift in the
+  machine's speed hits alike) with its interval; the ratio of the medians,
+  without interval, where the calls were not kept."""
+  ta, tb = times[a].get("times_s"), times[b].get("times_s")
+  if not ta or not tb or len(ta) != len(tb):
+    return {"value": times[a]["median_s"] / times[b]["median_s"],
+            "interval": None}
+  ratios = [x / y for x, y in zip(ta, tb)]
+  return {"value": statistics.median(ratios),
+          "interval": median_interval(ratios)}
 
 
 class _Compiled:
@@ -612,7 +652,8 @@ def _conv_totals(rows: list[dict], depth: int) -> dict[str, float]:
 
 def section_kernels(cfg) -> dict:
   """Each convolution of the CIFAR ResNets: forward and both gradients,
-  se_jax's `conv2d` against XLA's convolution and PyTorch's."""
+  se_jax's `conv2d` against XLA's convolution (in its default pipeline and,
+  on CPUs, with `XLA_CONV_OPTION`) and PyTorch's."""
   batch, dtype = cfg["cifar_batch"], cfg["dtype"] or jnp.float32
   rows = []
   for (h, cin, cout, stride), count in zip(CIFAR_CONV_SHAPES,
@@ -623,16 +664,19 @@ def section_kernels(cfg) -> dict:
     w = jax.random.normal(k, (3, 3, cin, cout), dtype)
     dy = jax.random.normal(k, (batch, ho, ho, cout), dtype)
     fns = {}
-    for label, impl in (("se_jax", "auto"), ("XLA", "xla")):
+    impls = [("se_jax", "auto", None), ("XLA", "xla", None)]
+    if not cfg["gpu"]:
+      impls.append(("XLA + option", "xla", XLA_CONV_OPTION))
+    for label, impl, options in impls:
       conv = functools.partial(conv2d, strides=(stride, stride),
                                padding=((1, 1), (1, 1)), impl=impl)
-      fwd = _Compiled(conv, x, w)
+      fwd = _Compiled(conv, x, w, options=options)
       dx = _Compiled(
           lambda x, w, dy, conv=conv: jax.vjp(lambda x: conv(x, w), x)[1](dy),
-          x, w, dy)
+          x, w, dy, options=options)
       dw = _Compiled(
           lambda x, w, dy, conv=conv: jax.vjp(lambda w: conv(x, w), w)[1](dy),
-          x, w, dy)
+          x, w, dy, options=options)
       fns[f"{label} forward"] = lambda f=fwd: f(x, w).block_until_ready()
       fns[f"{label} input grad"] = (
           lambda f=dx: jax.block_until_ready(f(x, w, dy)))
@@ -668,7 +712,7 @@ def section_kernels(cfg) -> dict:
     times = time_alternating(fns, cfg["repeats"])
     rows.append({"shape": [batch, h, h, cin, cout, stride], "count": count,
                  "times": times})
-  return {"rows": rows, "resnet20_totals_s": _conv_totals(rows, 20),
+  return {"rows": rows,
           "totals_s": {str(d): _conv_totals(rows, d)
                        for d in cfg["cifar_depths"]}}
 
@@ -678,6 +722,7 @@ def section_tuning(cfg) -> dict:
   name, batch = "cifar_se_resnet20", cfg["cifar_batch"]
   variants = {
       "default": ({}, None),
+      "default + XLA conv option": ({}, XLA_CONV_OPTION),
       "conv_impl='xla'": (dict(conv_impl="xla"), None),
       "conv_impl='xla' + XLA conv option": (dict(conv_impl="xla"),
                                             XLA_CONV_OPTION),
@@ -834,39 +879,60 @@ def _ratio(times, a, b):
   return times[a]["median_s"] / times[b]["median_s"]
 
 
-def _fastest(times: dict, keys) -> float:
-  return min(times[k]["median_s"] for k in keys if k in times)
+def _fastest_other(times: dict, key: str, keys) -> str | None:
+  """Of `keys` in `times`, other than `key`, the one with the least median."""
+  others = [k for k in keys if k in times and k != key]
+  return min(others, key=lambda k: times[k]["median_s"]) if others else None
+
+
+def verdict(check: dict) -> str:
+  """``met`` or ``missed`` when the check's interval lies wholly on one side
+  of its limit (or it has none: a count, or too few calls), otherwise
+  ``within noise``, with the measured value on the side it says."""
+  lo, hi = check.get("interval") or (check["value"], check["value"])
+  good = (lambda v: v <= check["limit"]) if check["direction"] == "max" else (
+      lambda v: v >= check["limit"])
+  if good(lo) == good(hi):
+    return "met" if check["met"] else "missed"
+  return "within noise"
 
 
 def check_targets(results: dict, cfg: dict) -> list[dict]:
-  """Each target of the issue with its measured values, met or not."""
+  """Each target of the issue with its measured value and, for timings,
+  the interval of that value; met or not, and whether the interval
+  decides it (`verdict`)."""
   checks = []
 
-  def add(key, value, where):
+  def add(key, measured, where):
     what, limit, direction = TARGETS[key]
     if key.startswith("se_overhead") and cfg.get("gpu", cfg["bf16"]):
       limit = GPU_SE_OVERHEAD_TARGET
+    if not isinstance(measured, dict):
+      measured = {"value": measured, "interval": None}
+    value = measured["value"]
     ok = value <= limit if direction == "max" else value >= limit
-    checks.append({"target": key, "what": what, "where": where,
-                   "value": value, "limit": limit, "direction": direction,
-                   "met": bool(ok)})
+    check = {"target": key, "what": what, "where": where, "value": value,
+             "interval": measured["interval"], "limit": limit,
+             "direction": direction, "met": bool(ok)}
+    check["verdict"] = verdict(check)
+    checks.append(check)
 
   for row in results.get("inference", {}).get("rows", []):
     t, b = row["times"], row["batch"]
     se = "se_jax se_resnet50"
-    other = [k for k in t if k.startswith(se)]
-    if len(other) > 1:
-      add("default_within_fastest_inference",
-          t[se]["median_s"] / _fastest(t, other), f"SE-ResNet-50, batch {b}")
-    add("se_overhead_inference", _ratio(t, se, "se_jax resnet50"),
+    best = _fastest_other(t, se, [k for k in t if k.startswith(se)])
+    if best:
+      add("default_within_fastest_inference", paired_ratio(t, se, best),
+          f"SE-ResNet-50, batch {b}, against {best[len('se_jax '):]}")
+    add("se_overhead_inference", paired_ratio(t, se, "se_jax resnet50"),
         f"ResNet-50, batch {b}")
     if "timm se_resnet50 CL" in t:
-      add("speed_vs_timm_inference", _ratio(t, "timm se_resnet50 CL", se),
-          f"batch {b}")
+      add("speed_vs_timm_inference",
+          paired_ratio(t, "timm se_resnet50 CL", se), f"batch {b}")
   if "train" in results:
     t = results["train"]["times"]
     add("se_overhead_train",
-        _ratio(t, "se_jax se_resnet50", "se_jax resnet50"),
+        paired_ratio(t, "se_jax se_resnet50", "se_jax resnet50"),
         f"ResNet-50, batch {results['train']['batch']}")
   rate = results.get("cifar", {}).get("matmul_flops_per_s")
   for row in results.get("cifar", {}).get("rows", []):
@@ -876,19 +942,28 @@ def check_targets(results: dict, cfg: dict) -> list[dict]:
     for k in variants:
       if k.endswith("option"):
         continue
-      add("default_within_fastest_train",
-          t[k]["median_s"] / _fastest(t, variants),
+      best = _fastest_other(t, k, variants)
+      if best is None:
+        continue
+      add("default_within_fastest_train", paired_ratio(t, k, best),
           f"CIFAR SE-ResNet-{d}, batch {b}, "
-          + ("README path" if k.endswith("README path") else "trainer step"))
-    add("se_overhead_train", _ratio(t, se, f"se_jax cifar_resnet{d}"),
+          + ("README path" if k.endswith("README path") else "trainer step")
+          + " against " + ("trainer step" if best == se
+                           else best[len(se) + 2:]))
+    add("se_overhead_train", paired_ratio(t, se, f"se_jax cifar_resnet{d}"),
         f"CIFAR ResNet-{d}, batch {b}")
     key = f"PyTorch cifar_se_resnet{d} CL"
     if key in t:
-      add("speed_vs_torch_cifar", _ratio(t, key, se),
+      add("speed_vs_torch_cifar", paired_ratio(t, key, se),
           f"SE-ResNet-{d}, batch {b}")
     if rate:
-      achieved = row["flops"][f"cifar_se_resnet{d}"] / t[se]["median_s"]
-      add("peak_fraction_cifar", achieved / rate,
+      flops = row["flops"][f"cifar_se_resnet{d}"]
+      achieved = flops / t[se]["median_s"]
+      iv = median_interval(t[se].get("times_s") or [])
+      add("peak_fraction_cifar",
+          {"value": achieved / rate,
+           "interval": (flops / iv[1] / rate, flops / iv[0] / rate)
+           if iv else None},
           f"SE-ResNet-{d}: {achieved / 1e9:.1f} of {rate / 1e9:.1f} GFLOP/s")
   for row in results.get("memory", {}).get("rows", []):
     add("memory_se_over_plain", row["ratio"],
@@ -900,15 +975,20 @@ def _ms(t):
   return f"{1e3 * t['median_s']:.1f}"
 
 
+def _spread(t):
+  return f"{1e3 * t['min_s']:.0f}-{1e3 * t['max_s']:.0f}"
+
+
 def _times_table(times: dict, batch: int, baseline: str | None = None,
                  flops: dict | None = None):
-  head = "| program | median ms | img/s |" + (
+  head = "| program | median ms | fastest-slowest ms | img/s |" + (
       f" vs {baseline} |" if baseline else "") + (
       " GFLOP/s |" if flops else "")
-  out = [head, "|---|---|---|" + ("---|" if baseline else "")
+  out = [head, "|---|---|---|---|" + ("---|" if baseline else "")
          + ("---|" if flops else "")]
   for k, t in times.items():
-    line = f"| {k} | {_ms(t)} | {batch / t['median_s']:.1f} |"
+    line = (f"| {k} | {_ms(t)} | {_spread(t)} |"
+            f" {batch / t['median_s']:.1f} |")
     if baseline:
       line += f" {times[baseline]['median_s'] / t['median_s']:.2f}x |"
     if flops:
@@ -940,10 +1020,11 @@ def evidence(results: dict) -> list[str]:
   """What bounds the measured ratios, in words from the numbers."""
   lines = []
   k = results.get("kernels")
-  if k and "PyTorch CL forward" in k["resnet20_totals_s"]:
-    tot = k["resnet20_totals_s"]
+  if k and "PyTorch CL forward" in k["totals_s"].get("20", {}):
+    tot = k["totals_s"]["20"]
     ours = sum(v for n, v in tot.items() if n.startswith("se_jax"))
-    xla = sum(v for n, v in tot.items() if n.startswith("XLA"))
+    xla = sum(v for n, v in tot.items() if n.startswith("XLA ")
+              and not n.startswith("XLA + option"))
     pt = sum(v for n, v in tot.items() if n.startswith("PyTorch"))
     parts = ", ".join(
         f"{what} {1e3 * tot['se_jax ' + what]:.0f} vs"
@@ -956,23 +1037,32 @@ def evidence(results: dict) -> list[str]:
         f" PyTorch channels_last ({parts}): the best convolution kernels"
         f" XLA:CPU offers (Eigen's) run at {pt / ours:.2f}x the speed of"
         " PyTorch's oneDNN kernels, which bounds the whole step.")
+    if "XLA + option forward" in tot:
+      opt = sum(v for n, v in tot.items() if n.startswith("XLA + option"))
+      parts = ", ".join(
+          f"{what} {1e3 * tot['XLA + option ' + what]:.0f} ms"
+          for what in ("forward", "input grad", "kernel grad"))
+      lines.append(
+          "With the compiler option that keeps XLA's convolutions off"
+          f" YNNPACK, the same convolutions take {1e3 * opt:.0f} ms on"
+          f" Eigen ({parts}), {opt / ours:.2f}x se_jax's time without"
+          " options.")
   c = results.get("cifar")
   if c and k:
     for row in c["rows"]:
       d = row["depth"]
-      tot = k.get("totals_s", {}).get(str(d))
-      if tot is None and d == 20:
-        tot = k["resnet20_totals_s"]
+      tot = k["totals_s"].get(str(d))
       if tot is None:
         continue
       step = row["times"][f"se_jax cifar_se_resnet{d}"]["median_s"]
       conv = sum(v for n, v in tot.items() if n.startswith("se_jax"))
       line = (
           f"In se_jax's SE-ResNet-{d} step ({1e3 * step:.0f} ms) the"
-          f" convolutions measured alone account for {1e3 * conv:.0f} ms;"
-          f" the other {1e3 * max(step - conv, 0):.0f} ms are BatchNorm,"
-          " ReLU, SE, the layout changes of the kernel gradients and the"
-          " update")
+          f" convolutions measured alone account for {1e3 * conv:.0f} ms")
+      line += (
+          f"; the other {1e3 * (step - conv):.0f} ms are BatchNorm, ReLU, SE,"
+          " the layout changes of the kernel gradients and the update"
+          if step > conv else ", more than the whole step")
       pt_name = f"PyTorch cifar_se_resnet{d} CL"
       if pt_name in row["times"] and "PyTorch CL forward" in tot:
         pt_step = row["times"][pt_name]["median_s"]
@@ -1005,7 +1095,12 @@ def evidence(results: dict) -> list[str]:
         " off YNNPACK, which a user would have to know to pass,"
         f" {_ratio(t, 'conv_impl=' + repr('xla') + ' + XLA conv option', 'default'):.2f}x;"
         " with the last BN kept apart from SE (`fold_norm=False`),"
-        f" {_ratio(t, 'fold_norm=False', 'default'):.2f}x.")
+        f" {_ratio(t, 'fold_norm=False', 'default'):.2f}x."
+        + (" se_jax's own formulation under that option (which moves to"
+           " Eigen the few convolutions YNNPACK still takes in it) takes"
+           f" {_ratio(t, 'default + XLA conv option', 'default'):.2f}x the"
+           " default step's time."
+           if "default + XLA conv option" in t else ""))
     if tu.get("onednn_crash"):
       lines.append(
           "With XLA's oneDNN options (`xla_cpu_use_onednn` and oneDNN"
@@ -1154,15 +1249,19 @@ def to_markdown(results: dict, checks: list[dict], prov: dict,
       + (" bfloat16 compute." if cfg["bf16"] else " float32.")
       + " `CL`: PyTorch in channels_last.\n")
   out.append("## Targets\n")
-  out.append("| target | where | measured | limit | met |\n|---|---|---|---|---|")
+  out.append(
+      "A ratio of two programs' times is the median of the ratios of their"
+      " calls in the same repeat, with a distribution-free"
+      f" {CONFIDENCE:.0%} (or wider) interval for that median from the"
+      " repeats' order statistics. A target is met or missed when its"
+      " interval lies wholly on one side of the limit; otherwise the run"
+      " cannot tell (\"within noise\"), whichever side the value is on.\n")
+  out.append("| target | where | measured | interval | limit | verdict |\n"
+             "|---|---|---|---|---|---|")
   for c in checks:
-    sign = "<=" if c["direction"] == "max" else ">="
-    miss = ""
-    if not c["met"]:
-      miss = f" (misses by {abs(c['value'] / c['limit'] - 1) * 100:.1f}%)"
     out.append(f"| {c['what']} | {c['where']} | {c['value']:.3f} |"
-               f" {sign} {c['limit']} | {'yes' if c['met'] else 'no' + miss}"
-               " |")
+               f" {_interval_text(c)} | {_sign(c)} {c['limit']} |"
+               f" {_verdict_text(c)} |")
   ev = evidence(results)
   if ev:
     out.append("\n## What bounds the targets\n")
@@ -1256,7 +1355,7 @@ def to_markdown(results: dict, checks: list[dict], prov: dict,
     for r in k["rows"]:
       out.append(f"| {', '.join(map(str, r['shape']))} | {r['count']} | "
                  + " | ".join(_ms(r["times"][n]) for n in names) + " |")
-    totals = k.get("totals_s", {"20": k["resnet20_totals_s"]})
+    totals = k["totals_s"]
     for d, tot in totals.items():
       out.append(f"| ResNet-{d} total | | " + " | ".join(
           f"{1e3 * tot[n]:.0f}" for n in names) + " |")
@@ -1309,19 +1408,43 @@ _README_START = "<!-- benchmark summary: written by python -m"
 _README_END = "<!-- end of benchmark summary -->"
 
 
+def _sign(check: dict) -> str:
+  return "<=" if check["direction"] == "max" else ">="
+
+
+def _interval_text(check: dict) -> str:
+  iv = check.get("interval")
+  return f"{iv[0]:.3f}-{iv[1]:.3f}" if iv else "-"
+
+
+def _verdict_text(check: dict) -> str:
+  """The verdict, with by how much a missed target misses and on which
+  side of the limit an undecided value lies."""
+  v = check.get("verdict") or verdict(check)
+  if v == "missed":
+    return (f"missed (by {abs(check['value'] / check['limit'] - 1) * 100:.1f}"
+            "%)")
+  if v == "within noise":
+    return f"within noise ({'met' if check['met'] else 'missed'} by the value)"
+  return v
+
+
 def readme_summary(results: dict, checks: list[dict], prov: dict) -> str:
   """The README's performance paragraph, from the measurements."""
-  met = [c for c in checks if c["met"]]
+  count = {v: sum(1 for c in checks if (c.get("verdict") or verdict(c)) == v)
+           for v in ("met", "missed", "within noise")}
   lines = [
       f"{_README_START} experiments.benchmark --update-readme -->",
-      f"On {prov['machine']} ({prov['date']}, commit {prov['commit']}),"
-      f" {len(met)} of {len(checks)} target checks are met;"
+      f"On {prov['machine']} ({prov['date']}, commit {prov['commit']}), of"
+      f" {len(checks)} target checks {count['met']} are met, {count['missed']}"
+      f" missed and {count['within noise']} within the run's noise (the"
+      f" {CONFIDENCE:.0%} interval of the value contains the limit);"
       " [experiments/results/benchmark.md](experiments/results/benchmark.md)"
-      " has every number and what bounds each miss.", ""]
+      " has every number, the intervals and what bounds each miss.", ""]
   for c in checks:
-    sign = "<=" if c["direction"] == "max" else ">="
-    lines.append(f"- {c['what']}, {c['where']}: {c['value']:.3f}"
-                 f" ({sign} {c['limit']}: {'met' if c['met'] else 'missed'})")
+    iv = f", interval {_interval_text(c)}" if c.get("interval") else ""
+    lines.append(f"- {c['what']}, {c['where']}: {c['value']:.3f}{iv}"
+                 f" ({_sign(c)} {c['limit']}: {_verdict_text(c)})")
   lines.append(_README_END)
   return "\n".join(lines)
 

@@ -6,6 +6,7 @@ import types
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -21,6 +22,65 @@ def test_calls_alternate_and_medians_are_reported():
   assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b", "b", "a"]
   assert set(times) == {"a", "b"} and times["a"]["n"] == 4
   assert times["a"]["min_s"] <= times["a"]["median_s"] <= times["a"]["max_s"]
+  assert len(times["a"]["times_s"]) == 4
+  assert min(times["a"]["times_s"]) == times["a"]["min_s"]
+
+
+def _binomial_tail(n, k):
+  """P(X < k) for X ~ Binomial(n, 1/2), by summing the distribution."""
+  p = np.zeros(n + 1)
+  p[0] = 1.0
+  for _ in range(n):
+    p = 0.5 * p + 0.5 * np.concatenate([[0.0], p[:-1]])
+  return p[:k].sum()
+
+
+@pytest.mark.parametrize("n", [6, 7, 9, 12, 20, 31])
+def test_median_interval_has_the_coverage_it_claims(n):
+  values = list(np.random.default_rng(n).permutation(n) + 100.0)
+  lo, hi = benchmark.median_interval(values)
+  k = int(lo - 100.0) + 1  # the rank of the lower end
+  assert hi == 100.0 + n - k  # symmetric ranks
+  assert 1 - 2 * _binomial_tail(n, k) >= 0.95
+  # The next narrower interval would cover less than 95%.
+  assert k + 1 > n - k or 1 - 2 * _binomial_tail(n, k + 1) < 0.95
+  # Nine calls: the 2nd and 8th of them (coverage 96.1%).
+  assert benchmark.median_interval(range(9)) == (1, 7)
+
+
+def test_median_interval_needs_enough_values():
+  assert benchmark.median_interval([1.0, 2.0, 3.0, 4.0, 5.0]) is None
+  assert benchmark.median_interval([]) is None
+
+
+def test_ratios_pair_the_calls_of_one_repeat():
+  # The machine slows down over the run; a takes twice b's time in every
+  # repeat, which the ratio of medians of the shuffled calls would blur.
+  b = [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0]
+  times = {"a": benchmark._summary([2 * x for x in b]),
+           "b": benchmark._summary(b)}
+  r = benchmark.paired_ratio(times, "a", "b")
+  assert r["value"] == pytest.approx(2.0)
+  assert r["interval"] == pytest.approx((2.0, 2.0))
+  # Without the calls kept, the ratio of the medians and no interval.
+  r = benchmark.paired_ratio({"a": _t(300), "b": _t(100)}, "a", "b")
+  assert r == {"value": pytest.approx(3.0), "interval": None}
+
+
+@pytest.mark.parametrize("interval, want", [
+    ((1.00, 1.10), "within noise"), ((1.06, 1.10), "missed"),
+    ((0.95, 1.04), "met"), (None, "met")])
+def test_a_target_is_decided_only_when_its_interval_is(interval, want):
+  value = 1.07 if want == "missed" else 1.03
+  check = {"value": value, "interval": interval, "limit": 1.05,
+           "direction": "max", "met": value <= 1.05}
+  assert benchmark.verdict(check) == want
+  # The same for a lower limit.
+  flipped = {"value": 1 / value, "limit": 1 / 1.05, "direction": "min",
+             "met": value <= 1.05,
+             "interval": (1 / interval[1], 1 / interval[0])
+             if interval else None}
+  assert benchmark.verdict(flipped) == want
 
 
 def _t(ms):
@@ -53,14 +113,16 @@ def test_targets_are_checked_from_the_measured_ratios():
   got = {(c["target"], c["where"]): (round(c["value"], 3), c["met"])
          for c in checks}
   assert got == {
-      ("default_within_fastest_inference", "SE-ResNet-50, batch 8"):
-          (1.031, True),
+      ("default_within_fastest_inference", "SE-ResNet-50, batch 8, against"
+       " se_resnet50, XLA conv + option"): (1.031, True),
       ("se_overhead_inference", "ResNet-50, batch 8"): (1.01, True),
       ("speed_vs_timm_inference", "batch 8"): (0.99, False),
       ("default_within_fastest_train",
-       "CIFAR SE-ResNet-20, batch 128, trainer step"): (1.053, False),
+       "CIFAR SE-ResNet-20, batch 128, trainer step against XLA conv +"
+       " option"): (1.053, False),
       ("default_within_fastest_train",
-       "CIFAR SE-ResNet-20, batch 128, README path"): (1.158, False),
+       "CIFAR SE-ResNet-20, batch 128, README path against XLA conv +"
+       " option"): (1.158, False),
       ("se_overhead_train", "CIFAR ResNet-20, batch 128"): (1.1, False),
       ("speed_vs_torch_cifar", "SE-ResNet-20, batch 128"): (0.8, False),
       ("peak_fraction_cifar", "SE-ResNet-20: 40.0 of 100.0 GFLOP/s"):
@@ -71,7 +133,7 @@ def test_targets_are_checked_from_the_measured_ratios():
       "command": "c", "date": "d", "commit": "x", "machine": "m",
       "devices": "1 x cpu", "versions": {"jax": "j", "flax": "f"}},
       {"repeats": 1, "bf16": False})
-  assert "| no (misses by 10.0%) |" in md
+  assert "| 0.990 | - | >= 1.1 | missed (by 10.0%) |" in md
   assert "2048 x 2048 float32 product in XLA in the same run: 100.0" in md
 
 
@@ -117,7 +179,7 @@ def test_conv_totals_weigh_each_shape_by_its_count():
 
 def test_evidence_compares_the_rest_of_the_step_with_pytorch():
   results = {
-      "kernels": {"resnet20_totals_s": {}, "totals_s": {"110": {
+      "kernels": {"totals_s": {"110": {
           "se_jax forward": 1.0, "se_jax input grad": 1.0,
           "se_jax kernel grad": 1.0, "PyTorch CL forward": 0.5,
           "PyTorch CL input grad": 0.5, "PyTorch CL kernel grad": 1.0}}},
@@ -138,16 +200,21 @@ def test_evidence_compares_the_rest_of_the_step_with_pytorch():
   text = " ".join(benchmark.evidence(results))
   assert "add up to more than a whole step of PyTorch" in text
   assert "PyTorch's time" not in text
+  # Nor a remainder of the se_jax step that would be negative.
+  results["cifar"]["rows"][0]["times"]["se_jax cifar_se_resnet110"] = _t(2500)
+  text = " ".join(benchmark.evidence(results))
+  assert "account for 3000 ms, more than the whole step" in text
+  assert "the other" not in text.split("PyTorch channels_last")[0]
 
 
 def test_evidence_names_what_bounds_the_step():
   results = {
-      "kernels": {"resnet20_totals_s": {
+      "kernels": {"totals_s": {"20": {
           "se_jax forward": 0.1, "se_jax input grad": 0.1,
           "se_jax kernel grad": 0.2, "XLA forward": 0.2,
           "XLA input grad": 0.1, "XLA kernel grad": 0.5,
           "PyTorch CL forward": 0.1, "PyTorch CL input grad": 0.1,
-          "PyTorch CL kernel grad": 0.1}},
+          "PyTorch CL kernel grad": 0.1}}},
       "cifar": {"rows": [{"depth": 20, "times": {
           "se_jax cifar_se_resnet20": _t(600)}}]},
       "tuning": {"times": {"default": _t(400),
@@ -229,7 +296,9 @@ def test_readme_summary_replaces_only_its_section(tmp_path):
   assert benchmark.update_readme(summary, str(readme))
   text = readme.read_text()
   assert text.startswith(before) and text.endswith(after)
-  assert "- w, here: 1.234 (<= 1.0: missed)" in text and "old" not in text
+  assert "- w, here: 1.234 (<= 1.0: missed (by 23.4%))" in text
+  assert "1 missed and 0 within the run's noise" in text
+  assert "old" not in text
   (tmp_path / "plain.md").write_text("no markers")
   assert not benchmark.update_readme(summary, str(tmp_path / "plain.md"))
 
