@@ -5,8 +5,9 @@ network, and se_jax against PyTorch.
       [--repeats 9] [--quick] [--update-readme]
 
 Every comparison is measured side by side in one run: the timed calls of the
-compared programs alternate (A B B A ...), each after its warm-up and
-compilation, and the report gives medians and their ratio. Compilation is
+compared programs alternate, each after its warm-up and compilation, and
+the report gives medians, the ratios of calls made in the same repeat, and
+a 95% interval for each ratio that decides whether a target is met. Compilation is
 timed separately, with JAX's persistent cache off. se_jax's programs are
 what a user writes: a plain ``jax.jit`` with no compiler option, of the
 model (inference), of the training step that the trainer runs
@@ -138,14 +139,36 @@ GPU_SE_OVERHEAD_TARGET = 1.03
 SETTLE_S = 0.25
 
 
+def runtime(name: str) -> str:
+  """Which runtime a timed program's label names: ``torch`` for PyTorch
+  and timm, ``jax`` otherwise."""
+  return "torch" if name.split(" ", 1)[0] in ("PyTorch", "timm") else "jax"
+
+
+def call_order(names: list[str], r: int) -> list[str]:
+  """The order of the calls in repeat `r`: each runtime's programs
+  together, the runtimes' order reversing on every other repeat and each
+  runtime's programs rotating by one per repeat."""
+  groups: dict[str, list[str]] = {}
+  for n in names:
+    groups.setdefault(runtime(n), []).append(n)
+  lists = [g[r % len(g):] + g[:r % len(g)] for g in groups.values()]
+  return [n for g in (lists if r % 2 == 0 else lists[::-1]) for n in g]
+
+
 def time_alternating(fns: dict[str, Callable[[], object]], repeats: int,
                      warmup: int = 2,
                      settle_s: float = SETTLE_S) -> dict[str, dict]:
   """Median seconds per call of each function, their calls alternating.
 
-  Each repeat runs every function once, in an order that reverses on every
-  other repeat, so that drift in the machine's speed hits all alike; each
-  timed call starts `settle_s` after the previous one ended, when the
+  Each repeat runs every function once, in the order of `call_order`.
+  On the two-core machine of the committed report an se_jax call right
+  after a PyTorch call took a fifth to a third longer than one right after
+  an se_jax call, so each runtime's programs run together and take turns
+  at following the other runtime, and the ratio of two programs is the
+  median over the repeats (`paired_ratio`), which the few calls that
+  follow the other runtime do not move.
+  Each timed call starts `settle_s` after the previous one ended, when the
   previous runtime's threads have gone idle.
   """
   for f in fns.values():
@@ -154,7 +177,7 @@ def time_alternating(fns: dict[str, Callable[[], object]], repeats: int,
   times = {k: [] for k in fns}
   names = list(fns)
   for r in range(repeats):
-    for k in (names if r % 2 == 0 else names[::-1]):
+    for k in call_order(names, r):
       if settle_s:
         time.sleep(settle_s)
       t0 = time.perf_counter()

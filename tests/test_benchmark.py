@@ -15,6 +15,19 @@ from experiments import benchmark, hugepages
 from se_jax.models import create
 
 
+def test_each_runtime_runs_together_and_takes_turns_after_the_other():
+  names = ["se_jax a", "PyTorch a", "timm b", "se_jax b", "se_jax c"]
+  orders = [benchmark.call_order(names, r) for r in range(6)]
+  for r, order in enumerate(orders):
+    assert sorted(order) == sorted(names)
+    kinds = [benchmark.runtime(n) for n in order]
+    # One switch between the runtimes per repeat, the side alternating.
+    assert kinds == sorted(kinds, reverse=r % 2 == 1)
+  # Each se_jax program leads its runtime's calls equally often.
+  firsts = [next(n for n in o if n.startswith("se_jax")) for o in orders]
+  assert sorted(firsts) == sorted(["se_jax a", "se_jax b", "se_jax c"] * 2)
+
+
 def test_calls_alternate_and_medians_are_reported():
   calls = []
   fns = {k: (lambda k=k: calls.append(k)) for k in "ab"}
