@@ -252,6 +252,11 @@ def test_evidence_names_what_bounds_the_step():
   assert "400 ms in se_jax (800 ms with XLA's convolution" in text
   assert "300 ms in PyTorch channels_last" in text
   assert "kernel grad 200 vs 100 ms" in text and "0.75x the speed" in text
+  # Convolutions no slower than PyTorch's do not bound the step.
+  results["kernels"]["totals_s"]["20"]["PyTorch CL kernel grad"] = 0.3
+  text = " ".join(benchmark.evidence(results))
+  assert "take 0.80x PyTorch's time in this run" in text
+  assert "bounds the whole step" not in text
   assert "the convolutions measured alone account for 400 ms" in text
   assert "(`conv_impl='xla'`, YNNPACK" in text and "2.00x as long" in text
   assert "pass, 0.95x;" in text and "(`fold_norm=False`), 1.05x" in text
