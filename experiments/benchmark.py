@@ -95,6 +95,8 @@ XLA_ONEDNN_OPTIONS = {
     **XLA_CONV_OPTION}
 # The tuning section's name for the step under those options.
 ONEDNN_VARIANT = "conv_impl='xla' + XLA's oneDNN options"
+# The tuning section's name for se_jax's own step under XLA_CONV_OPTION.
+OPTION_VARIANT = "default + XLA conv option"
 
 
 def onednn_ops(compiled) -> int:
@@ -224,8 +226,7 @@ def paired_ratio(times: dict, a: str, b: str) -> dict:
   without interval, where the calls were not kept."""
   ta, tb = times[a].get("times_s"), times[b].get("times_s")
   if not ta or not tb or len(ta) != len(tb):
-    return {"value": times[a]["median_s"] / times[b]["median_s"],
-            "interval": None}
+    return {"value": _ratio(times, a, b), "interval": None}
   ratios = [x / y for x, y in zip(ta, tb)]
   return {"value": statistics.median(ratios),
           "interval": median_interval(ratios)}
@@ -746,7 +747,7 @@ def section_tuning(cfg) -> dict:
   name, batch = "cifar_se_resnet20", cfg["cifar_batch"]
   variants = {
       "default": ({}, None),
-      "default + XLA conv option": ({}, XLA_CONV_OPTION),
+      OPTION_VARIANT: ({}, XLA_CONV_OPTION),
       "conv_impl='xla'": (dict(conv_impl="xla"), None),
       "conv_impl='xla' + XLA conv option": (dict(conv_impl="xla"),
                                             XLA_CONV_OPTION),
@@ -1126,9 +1127,9 @@ def evidence(results: dict) -> list[str]:
         f" {_ratio(t, 'fold_norm=False', 'default'):.2f}x."
         + (" se_jax's own formulation under that option (which moves to"
            " Eigen the few convolutions YNNPACK still takes in it) takes"
-           f" {_ratio(t, 'default + XLA conv option', 'default'):.2f}x the"
+           f" {_ratio(t, OPTION_VARIANT, 'default'):.2f}x the"
            " default step's time."
-           if "default + XLA conv option" in t else ""))
+           if OPTION_VARIANT in t else ""))
     if tu.get("onednn_crash"):
       lines.append(
           "With XLA's oneDNN options (`xla_cpu_use_onednn` and oneDNN"
@@ -1445,10 +1446,15 @@ def _interval_text(check: dict) -> str:
   return f"{iv[0]:.3f}-{iv[1]:.3f}" if iv else "-"
 
 
+def _verdict_of(check: dict) -> str:
+  """The check's verdict, judged here if it carries none."""
+  return check.get("verdict") or verdict(check)
+
+
 def _verdict_text(check: dict) -> str:
   """The verdict, with by how much a missed target misses and on which
   side of the limit an undecided value lies."""
-  v = check.get("verdict") or verdict(check)
+  v = _verdict_of(check)
   if v == "missed":
     return (f"missed (by {abs(check['value'] / check['limit'] - 1) * 100:.1f}"
             "%)")
@@ -1459,7 +1465,7 @@ def _verdict_text(check: dict) -> str:
 
 def readme_summary(results: dict, checks: list[dict], prov: dict) -> str:
   """The README's performance paragraph, from the measurements."""
-  count = {v: sum(1 for c in checks if (c.get("verdict") or verdict(c)) == v)
+  count = {v: sum(1 for c in checks if _verdict_of(c) == v)
            for v in ("met", "missed", "within noise")}
   lines = [
       f"{_README_START} experiments.benchmark --update-readme -->",
