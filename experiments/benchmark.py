@@ -14,7 +14,7 @@ option, of the model (inference), of the training step that the trainer
 runs (`experiments.steps.make_train_step`) and of the README's functional
 path.
 Other configurations are chosen by explicit arguments: the model options
-``conv_impl`` and ``fold_norm``, and XLA's convolution option
+``conv_impl``, ``fold_norm`` and ``materialize``, and XLA's convolution option
 (`XLA_CONV_OPTION`). Sections:
 
 - ``inference``: ResNet-50 and SE-ResNet-50 at batch 1, 8 and 32 (224 x 224),
@@ -34,7 +34,8 @@ Other configurations are chosen by explicit arguments: the model options
 - ``tuning``: what se_jax's measures buy: the CIFAR SE-ResNet-20 step with
   XLA's convolution option, with XLA's convolutions (``conv_impl="xla"``),
   with them and that option, and with the last BN apart from SE
-  (``fold_norm=False``).
+  (``fold_norm=False``); the deepest CIFAR SE-ResNet's step with the last
+  BN apart and with the units' outputs recomputed (``materialize=False``).
 
 On a CPU the programs run in float32; on a GPU in bfloat16 (se_jax's
 ``dtype=bfloat16``; timm in channels_last under autocast). The report,
@@ -772,9 +773,11 @@ def section_tuning(cfg) -> dict:
   runs = {plain: jax_train_step(plain, batch, 32, 10, cfg["dtype"]),
           se: jax_train_step(se, batch, 32, 10, cfg["dtype"]),
           f"{se}, fold_norm=False": jax_train_step(
-              se, batch, 32, 10, cfg["dtype"], fold_norm=False)}
-  print(f"[tuning] CIFAR ResNet-{depth}, BN folded into SE or apart",
-        file=sys.stderr, flush=True)
+              se, batch, 32, 10, cfg["dtype"], fold_norm=False),
+          f"{se}, materialize=False": jax_train_step(
+              se, batch, 32, 10, cfg["dtype"], materialize=False)}
+  print(f"[tuning] CIFAR ResNet-{depth}: BN folded into SE or apart; units'"
+        " outputs in buffers or recomputed", file=sys.stderr, flush=True)
   fold_times = time_alternating({k: v[0] for k, v in runs.items()},
                                 cfg["repeats"])
   fold_peak = {k: peak_bytes(v[2].compiled.memory_analysis())
@@ -1159,6 +1162,16 @@ def evidence(results: dict) -> list[str]:
           f" {_ratio(t, se, plain):.3f} against {_ratio(t, apart, plain):.3f},"
           f" and SE / plain peak memory {m[se] / m[plain]:.3f} against"
           f" {m[apart] / m[plain]:.3f}.")
+      recomputed = f"{se}, materialize=False"
+      if recomputed in t:
+        lines.append(
+            "Each unit's output in a buffer of its own"
+            " (`se_jax.conv.materialized`): without it (`materialize=False`)"
+            f" the CIFAR SE-ResNet-{fold['depth']} step takes"
+            f" {_ms(t[recomputed])} ms against {_ms(t[se])} ms"
+            f" ({_ratio(t, recomputed, se):.2f}x), as XLA:CPU recomputes"
+            " the earlier units of a stage in every later unit's shortcut"
+            " sum.")
   al = results.get("allocator", {})
   if "rows" in al:
     on, off = al["rows"]["huge pages advised"], al["rows"]["4 KiB pages"]

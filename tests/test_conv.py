@@ -142,8 +142,9 @@ def test_bad_shapes_are_named():
     se_jax.layers.Conv(6, 8, (3, 3), groups=4, rngs=nnx.Rngs(0))
 
 
-def _train_step_hlo():
-  model = create("cifar_resnet20", num_classes=10, stage_sizes=(3, 1, 1))
+def _train_step_hlo(stage_sizes=(3, 1, 1), **options):
+  model = create("cifar_resnet20", num_classes=10, stage_sizes=stage_sizes,
+                 **options)
   model = nnx.view(model, use_running_average=True)
   graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
 
@@ -173,9 +174,31 @@ def _widest_input_transpose(hlo: str) -> int:
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU codegen")
 def test_weight_gradients_read_saved_inputs_on_cpu(monkeypatch):
-  # Without the saved buffer, XLA:CPU fuses the producers of a unit's input
-  # (BatchNorm, ReLU and, through the identity shortcuts, the earlier units)
-  # into the transpose for the weight gradient.
+  # Without the saved buffer, XLA:CPU fuses the producers of a conv's input
+  # (the BatchNorm and ReLU before it) into the transpose for the weight
+  # gradient.
   assert _widest_input_transpose(_train_step_hlo()) == 1
-  monkeypatch.setattr(conv_lib, "_materialized", lambda x: x)
-  assert _widest_input_transpose(_train_step_hlo()) > 4
+  monkeypatch.setattr(conv_lib, "materialized", lambda x: x)
+  assert _widest_input_transpose(_train_step_hlo()) > 1
+
+
+def _widest_stage_fusion(hlo: str) -> int:
+  """Most operands read by an elementwise fusion over the first stage's
+  (8, 16, 16, 16) maps."""
+  return max((m.group(1).count("%") for m in re.finditer(
+      r"= f32\[8,16,16,16\]\{[\d,]*\} fusion\((.*?)\), kind=kLoop", hlo)),
+             default=0)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU codegen")
+def test_units_read_the_previous_units_output_once_on_cpu():
+  # Each unit's output is computed into a buffer. Otherwise XLA:CPU fuses
+  # the whole chain of earlier units (their BatchNorm, SE scale, shortcut
+  # sum and ReLU) into each later unit's shortcut sum, and the work of a
+  # step grows with the square of the depth.
+  shallow = _widest_stage_fusion(_train_step_hlo((2, 1, 1)))
+  deep = _widest_stage_fusion(_train_step_hlo((6, 1, 1)))
+  assert deep == shallow
+  unmaterialized = _widest_stage_fusion(
+      _train_step_hlo((6, 1, 1), materialize=False))
+  assert unmaterialized > deep + 8

@@ -9,7 +9,7 @@ from flax import nnx
 
 import se_jax
 from se_jax import SqueezeExcite
-from se_jax.models import capture_gates, create, names
+from se_jax.models import capture_gates, create, names, pretrained
 from tests import reference as ref
 
 REQUIRED = [
@@ -380,6 +380,18 @@ def test_folding_the_norm_into_se_computes_the_same(name, stage, options):
   assert not create(name, fold_norm=False, **options).stages[0][0].fold_norm
   for a, b in zip(jax.tree.leaves(folded), jax.tree.leaves(apart)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
+
+
+def test_the_units_buffered_output_changes_no_value_or_gradient():
+  # `materialize` only decides whether XLA:CPU keeps a unit's output in a
+  # buffer; values, gradients and BatchNorm statistics are bit for bit the
+  # same, and pretrained weights load into either.
+  buffered = _unit_train_step("cifar_se_resnet20", 0, 16)
+  recomputed = _unit_train_step("cifar_se_resnet20", 0, 16, materialize=False)
+  for a, b in zip(jax.tree.leaves(buffered), jax.tree.leaves(recomputed)):
+    np.testing.assert_array_equal(a, b)
+  assert pretrained._layout_difference(
+      create("se_resnet50", materialize=False), create("se_resnet50")) is None
 
 
 @pytest.mark.parametrize("kind", ["se", "ese"])

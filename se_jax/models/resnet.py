@@ -42,7 +42,7 @@ from flax import nnx
 
 from se_jax import attention as attention_lib
 from se_jax.attention.base import check_choice
-from se_jax.conv import IMPLEMENTATIONS
+from se_jax.conv import IMPLEMENTATIONS, materialized
 from se_jax.layers import BatchNorm, Conv, avg_pool_2x2
 
 __all__ = ["BLOCKS", "INTEGRATIONS", "POSITIONS", "Placement", "ResNet",
@@ -142,6 +142,9 @@ class ResidualUnit(nnx.Module):
     dtype: compute dtype.
     conv_impl: how the convolutions are computed, see
       `se_jax.conv.conv2d`.
+    materialize: compute the unit's output into a buffer of its own on CPUs
+      (`se_jax.conv.materialized`), so that later units read it rather than
+      recompute it; the same function either way.
     rngs: ``nnx.Rngs``.
   """
 
@@ -153,7 +156,7 @@ class ResidualUnit(nnx.Module):
       attention: str | None = None, attention_options: Any = None,
       placement: Placement | None = None, fold_norm: bool = True,
       tag: str = "gates", dtype=None, conv_impl: str = "auto",
-      rngs: nnx.Rngs,
+      materialize: bool = True, rngs: nnx.Rngs,
   ):
     check_choice("block", block, BLOCKS)
     check_choice("stride", stride_on, STRIDES)
@@ -171,6 +174,9 @@ class ResidualUnit(nnx.Module):
     self.relu_before_se = relu_before_se
     self.avg_down = avg_down
     self.stride = stride
+    # How it runs, not what it computes: not part of the layout that
+    # pretrained weights are checked against.
+    self._materialize = bool(materialize)
     if block == "basic":
       if groups != 1 or base_width != 64:
         raise ValueError(
@@ -281,7 +287,9 @@ class ResidualUnit(nnx.Module):
       out = nnx.relu(out)
     if self._attends("post"):
       out = self.attn(out)
-    return out
+    # In a buffer of its own, read by the next unit's convolution and its
+    # shortcut sum alike (see `materialized`).
+    return materialized(out) if self._materialize else out
 
 
 def _max_pool_3x3_s2(x: jax.Array, ceil_mode: bool) -> jax.Array:
@@ -334,6 +342,7 @@ class ResNet(nnx.Module):
     conv_impl: how the convolutions are computed: ``"auto"`` (fast under a
       plain ``jax.jit`` on every platform) or ``"xla"``, see
       `se_jax.conv.conv2d`.
+    materialize: see `ResidualUnit`.
     rngs: ``nnx.Rngs`` with a ``params`` stream.
 
   Input: (N, H, W, in_channels) float images. Output: (N, num_classes)
@@ -351,7 +360,8 @@ class ResNet(nnx.Module):
       avg_down: bool = False, attention: str | None = None,
       attention_options: Any = None, placement: Placement | None = None,
       fold_norm: bool = True, num_classes: int = 1000, in_channels: int = 3,
-      dtype: Any = None, conv_impl: str = "auto", rngs: nnx.Rngs,
+      dtype: Any = None, conv_impl: str = "auto", materialize: bool = True,
+      rngs: nnx.Rngs,
   ):
     check_choice("stem", stem, STEMS)
     check_choice("stem_type", stem_type, STEM_TYPES)
@@ -437,7 +447,8 @@ class ResNet(nnx.Module):
             attention=attention if attends else None,
             attention_options=attention_options, placement=placement,
             fold_norm=fold_norm, tag=f"{prefix}_{stage_no}_{j + 1}",
-            dtype=dtype, conv_impl=conv_impl, rngs=rngs)
+            dtype=dtype, conv_impl=conv_impl, materialize=materialize,
+            rngs=rngs)
         c = unit.out_channels
         units.append(unit)
       stages.append(nnx.List(units))
