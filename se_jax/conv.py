@@ -173,6 +173,9 @@ def materialized(x: jax.Array) -> jax.Array:
   >>> float(materialized(jnp.arange(4.0)).sum())
   6.0
   """
+  x = jnp.asarray(x)
+  if x.ndim == 0:
+    return x
 
   def cpu(x):
     # The update spans the whole batch axis, so that it is sharded like `x`

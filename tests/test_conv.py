@@ -182,6 +182,16 @@ def test_weight_gradients_read_saved_inputs_on_cpu(monkeypatch):
   assert _widest_input_transpose(_train_step_hlo()) > 1
 
 
+def test_materialized_is_the_identity_in_value_and_derivative():
+  x = jax.random.normal(jax.random.key(0), (2, 3, 4, 5))
+  np.testing.assert_array_equal(jax.jit(conv_lib.materialized)(x), x)
+  g = jax.grad(lambda x: jnp.sum(conv_lib.materialized(x) ** 2))(x)
+  np.testing.assert_allclose(g, 2 * x, rtol=1e-6)
+  check_grads(conv_lib.materialized, (x,), order=2, modes=("fwd", "rev"))
+  assert float(conv_lib.materialized(jnp.float32(2.0))) == 2.0
+  assert conv_lib.materialized([1.0, 2.0]).shape == (2,)
+
+
 def _widest_stage_fusion(hlo: str) -> int:
   """Most operands read by an elementwise fusion over the first stage's
   (8, 16, 16, 16) maps."""
