@@ -31,6 +31,11 @@ Other configurations are chosen by explicit arguments: the model options
 - ``kernels``: the convolutions of the CIFAR ResNets alone (forward, input
   gradient, kernel gradient): se_jax's `conv2d`, XLA's convolution in its
   default pipeline and with `XLA_CONV_OPTION`, and PyTorch.
+- ``inference_convs``: the convolutions of ResNet-50 alone in inference, at
+  the inference batches: se_jax's `conv2d` without options against XLA's
+  convolution with `XLA_CONV_OPTION` (the inference section's fastest other
+  configuration), and the strided ones also as stride-1 convolutions of
+  their input's phases (`conv_by_phases`).
 - ``tuning``: what se_jax's measures buy: the CIFAR SE-ResNet-20 step with
   XLA's convolution option, with XLA's convolutions (``conv_impl="xla"``),
   with them and that option, and with the last BN apart from SE
@@ -77,7 +82,7 @@ from se_jax.models import create
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
 SECTIONS = ("inference", "train", "cifar", "se_block", "memory", "kernels",
-            "tuning", "allocator")
+            "inference_convs", "tuning", "allocator")
 
 # XLA:CPU's option that keeps convolutions off YNNPACK (jaxlib 0.10): what a
 # user would have to pass to make XLA's own convolutions fast. Measured as
@@ -870,6 +875,134 @@ def section_allocator(cfg) -> dict:
 # ------------------------------------------------------------------ report
 
 
+# ResNet-50 as timm and torchvision build it: bottleneck units of widths 64,
+# 128, 256 and 512 (4x as many output channels), 3, 4, 6 and 3 per stage,
+# the stride on each stage's first 3x3 convolution and projection, a 7x7
+# stride-2 stem and a stride-2 max-pool before the first stage.
+_RESNET50_STAGES = ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2))
+
+
+def resnet50_conv_shapes(size: int = 224) -> list[tuple[tuple[int, ...], int]]:
+  """Each convolution of a ResNet-50 on `size` x `size` images as
+  ``((H_in, C_in, C_out, kernel, stride), count)``, in network order."""
+  shapes: dict[tuple[int, ...], int] = {}
+
+  def add(*shape):
+    shapes[shape] = shapes.get(shape, 0) + 1
+
+  add(size, 3, 64, 7, 2)
+  h, cin = size // 4, 64
+  for width, units, stride in _RESNET50_STAGES:
+    for u in range(units):
+      s = stride if u == 0 else 1
+      add(h, cin, width, 1, 1)
+      add(h, width, width, 3, s)
+      add(h // s, width, 4 * width, 1, 1)
+      if u == 0:
+        add(h, cin, 4 * width, 1, s)
+      h, cin = h // s, 4 * width
+  return list(shapes.items())
+
+
+def conv_kind(kernel: int, stride: int) -> str:
+  """The group a convolution of `resnet50_conv_shapes` is totalled in."""
+  if kernel == 1:
+    return "1x1"
+  if kernel == 3:
+    return f"3x3, stride {stride}"
+  return f"{kernel}x{kernel} stem"
+
+
+def conv_by_phases(x, kernel, *, stride: int, padding):
+  """A strided `conv2d` as the sum of stride-1 `conv2d`s of the input's
+  phases: the rows and columns whose index is r modulo `stride` meet only
+  the kernel taps t with t - low padding = r modulo `stride`, so each phase
+  is a stride-1 convolution with those taps. The same multiply-adds as the
+  strided convolution, in up to stride**2 convolutions and a sum."""
+  if stride == 1:
+    return conv2d(x, kernel, padding=padding)
+  k = kernel.shape[0]
+
+  def phases(n, lo, hi):
+    """Per phase r: its first row, rows, kernel taps and padding."""
+    out = (n + lo + hi - k) // stride + 1
+    taps: dict[int, list[int]] = {}
+    for t in range(k):
+      taps.setdefault((t - lo) % stride, []).append(t)
+    result = []
+    for r, ts in sorted(taps.items()):
+      first, last = ((t - lo - r) // stride for t in (ts[0], ts[-1]))
+      length = len(range(r, n, stride))
+      low, high = -first, out - 1 + last - (length - 1)
+      # Rows that no output reads are cut off instead of padded.
+      start, stop = max(0, -low), length + min(0, high)
+      result.append((slice(r + stride * start, r + stride * stop, stride),
+                     np.array(ts), (max(0, low), max(0, high))))
+    return result
+
+  (top, bottom), (left, right) = padding
+  total = None
+  for r, rows, rpad in phases(x.shape[1], top, bottom):
+    for c, cols, cpad in phases(x.shape[2], left, right):
+      y = conv2d(x[:, r, c], kernel[rows][:, cols],
+                 padding=(rpad, cpad))
+      total = y if total is None else total + y
+  return total
+
+
+def section_inference_convs(cfg) -> dict:
+  """Each convolution of a ResNet-50 at 224 x 224, forward only: se_jax's
+  `conv2d` in XLA's default pipeline against XLA's convolution with
+  `XLA_CONV_OPTION`, the strided 3x3 ones also by phases; on CPUs."""
+  if cfg["gpu"]:
+    return {"rows": []}
+  dtype = cfg["dtype"] or jnp.float32
+  rows = []
+  for batch in cfg["inference_batches"]:
+    for (h, cin, cout, k, s), count in resnet50_conv_shapes():
+      x = _jax_images(batch, h, cin, dtype)
+      w = jax.random.normal(jax.random.key(1), (k, k, cin, cout), dtype)
+      padding = ((k // 2, k // 2),) * 2
+      conv = functools.partial(conv2d, strides=(s, s), padding=padding)
+      progs = {"se_jax": _Compiled(conv, x, w),
+               "XLA + option": _Compiled(
+                   functools.partial(conv, impl="xla"), x, w,
+                   options=XLA_CONV_OPTION)}
+      if k == 3 and s > 1:
+        progs["se_jax by phases"] = _Compiled(
+            functools.partial(conv_by_phases, stride=s, padding=padding),
+            x, w)
+      times = time_alternating(
+          {n: (lambda f=f: f(x, w).block_until_ready())
+           for n, f in progs.items()}, cfg["repeats"])
+      rows.append({"batch": batch, "shape": [h, cin, cout, k, s],
+                   "count": count, "kind": conv_kind(k, s),
+                   "ynnpack": "__ynn" in progs["se_jax"].compiled.as_text(),
+                   "times": times})
+    print(f"[inference_convs] batch {batch}", file=sys.stderr, flush=True)
+  return {"rows": rows}
+
+
+def inference_conv_totals(rows: list[dict]) -> dict:
+  """Seconds per forward pass that each program's convolutions take, by
+  batch and by kind (and ``"all"``), each shape counted as often as
+  ResNet-50 has it; a program is totalled only over groups it measured
+  every shape of."""
+  groups: dict = {}
+  for r in rows:
+    for kind in (r["kind"], "all"):
+      groups.setdefault(str(r["batch"]), {}).setdefault(kind, []).append(r)
+  totals: dict = {}
+  for batch, kinds in groups.items():
+    for kind, members in kinds.items():
+      names = [n for n in members[0]["times"]
+               if all(n in m["times"] for m in members)]
+      totals.setdefault(batch, {})[kind] = {
+          n: sum(m["count"] * m["times"][n]["median_s"] for m in members)
+          for n in names}
+  return totals
+
+
 def _config(args) -> dict:
   gpu = jax.default_backend() == "gpu"
   torch_ok = not args.no_torch
@@ -1188,11 +1321,56 @@ def evidence(results: dict) -> list[str]:
         " program of the user's own gets the same by starting Python with"
         " `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`.")
   lines.extend(_inference_evidence(results))
+  lines.extend(_inference_conv_evidence(results))
   torch_se = _torch_se_overheads(results)
   if torch_se:
     lines.append(
         "PyTorch's own SE overhead on this machine, SE / plain time in the"
         " same runs: " + "; ".join(torch_se) + ".")
+  return lines
+
+
+# How se_jax's default path runs each kind of convolution on CPUs.
+_CONV_ROUTE = {
+    "3x3, stride 1": "one output row more than the input has, so that"
+                     " Eigen runs them",
+    "3x3, stride 2": "on YNNPACK, whose conditions a strided convolution"
+                     " meets without extra work",
+    "1x1": "matrix products",
+}
+
+
+def _inference_conv_evidence(results: dict) -> list[str]:
+  rows = results.get("inference_convs", {}).get("rows")
+  if not rows:
+    return []
+  whole = {r["batch"]: r["times"]
+           for r in results.get("inference", {}).get("rows", [])}
+  lines = []
+  for batch, kinds in inference_conv_totals(rows).items():
+    tot = kinds.pop("all")
+    ours, option = tot["se_jax"], tot["XLA + option"]
+    parts = []
+    for kind, t in sorted(kinds.items(), key=lambda kv: kv[1]["XLA + option"]
+                          - kv[1]["se_jax"]):
+      route = _CONV_ROUTE.get(kind)
+      phases = t.get("se_jax by phases")
+      parts.append(
+          f"{kind}{f' ({route})' if route else ''}"
+          f" {1e3 * t['se_jax']:.0f} vs {1e3 * t['XLA + option']:.0f} ms"
+          + (f", by phases {1e3 * phases:.0f} ms" if phases else ""))
+    line = (
+        f"Inference at batch {batch}: ResNet-50's convolutions, each timed"
+        f" alone, take {1e3 * ours:.0f} ms per forward pass in se_jax's"
+        f" default path and {1e3 * option:.0f} ms with XLA's convolution"
+        f" under the option ({ours / option:.2f}x)")
+    t = whole.get(int(batch), {})
+    a, b = "se_jax se_resnet50", "se_jax se_resnet50, XLA conv + option"
+    if a in t and b in t:
+      line += (f"; the whole SE-ResNet-50 forward passes differ by"
+               f" {1e3 * (t[a]['median_s'] - t[b]['median_s']):.0f} ms")
+    lines.append(line + ". By kind, default vs option: " + "; ".join(parts)
+                 + ".")
   return lines
 
 
@@ -1409,6 +1587,41 @@ def to_markdown(results: dict, checks: list[dict], prov: dict,
                + (f" ({others})" if others else "") + " and leaves out the"
                " first layer's input gradient, which training does not"
                " compute.\n")
+  if results.get("inference_convs", {}).get("rows"):
+    rows = results["inference_convs"]["rows"]
+    totals = inference_conv_totals(rows)
+    names = list(dict.fromkeys(n for r in rows for n in r["times"]))
+    out.append("## The convolutions of ResNet-50 alone, inference\n")
+    out.append(
+        "`se_jax`: `se_jax.conv.conv2d` as the models use it, in XLA's"
+        " default pipeline; `XLA + option`: XLA's convolution with the"
+        " option that keeps it off YNNPACK (the convolutions of the"
+        " inference section's `XLA conv + option` row); `se_jax by phases`:"
+        " a strided 3x3 convolution as stride-1 `conv2d`s of its input's"
+        " phases (`experiments.benchmark.conv_by_phases`). Totals count"
+        " each shape as often as ResNet-50 has it.\n")
+    out.append("| batch | kind | se_jax ms | XLA + option ms | se_jax /"
+               " option | se_jax by phases ms |\n|---|---|---|---|---|---|")
+    for batch, kinds in totals.items():
+      for kind, tot in sorted(kinds.items(), key=lambda kv: kv[0] == "all"):
+        phases = tot.get("se_jax by phases")
+        out.append(
+            f"| {batch} | {kind} | {1e3 * tot['se_jax']:.1f} |"
+            f" {1e3 * tot['XLA + option']:.1f} |"
+            f" {tot['se_jax'] / tot['XLA + option']:.2f} |"
+            f" {'-' if phases is None else f'{1e3 * phases:.1f}'} |")
+    out.append("")
+    out.append("| batch | H, C_in, C_out, kernel, stride | x in ResNet-50 |"
+               " YNNPACK in se_jax's program | " + " | ".join(
+                   f"{n} ms" for n in names) + " |\n|---|---|---|---|"
+               + "---|" * len(names))
+    for r in rows:
+      out.append(
+          f"| {r['batch']} | {', '.join(map(str, r['shape']))} |"
+          f" {r['count']} | {'yes' if r['ynnpack'] else 'no'} | "
+          + " | ".join(_ms(r["times"][n]) if n in r["times"] else "-"
+                       for n in names) + " |")
+    out.append("")
   if "rows" in results.get("allocator", {}):
     al = results["allocator"]
     out.append("## Memory pages: the training step in fresh processes\n")

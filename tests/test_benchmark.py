@@ -502,3 +502,82 @@ def test_saved_sections_of_another_commit_or_config_are_not_reused(
                                  {"repeats": 9, "batches": (1, 8)})
   assert benchmark.load_partial(path, dirty) is None
   assert "is not a commit" in capsys.readouterr().err
+
+
+def test_resnet50_conv_shapes_are_the_models_convolutions():
+  model = nnx.eval_shape(lambda: create("resnet50"))
+  kernels = sorted(tuple(p.shape) for _, p in nnx.iter_graph(model)
+                   if isinstance(p, nnx.Param) and len(p.shape) == 4)
+  listed = sorted((k, k, cin, cout)
+                  for (_, cin, cout, k, _), n in benchmark.resnet50_conv_shapes()
+                  for _ in range(n))
+  assert listed == kernels and len(listed) == 53
+  shapes = dict(benchmark.resnet50_conv_shapes(224))
+  # The last stage's 3x3 convolutions run on 7 x 7 maps, its first one on
+  # the 14 x 14 maps of stage 3 with stride 2.
+  assert shapes[(7, 512, 512, 3, 1)] == 2
+  assert shapes[(14, 512, 512, 3, 2)] == 1
+  assert benchmark.conv_kind(3, 2) == "3x3, stride 2"
+  assert benchmark.conv_kind(1, 2) == "1x1"
+
+
+@pytest.mark.parametrize("h,k,stride,pad", [
+    (8, 3, 2, (1, 1)), (7, 3, 2, (1, 1)), (9, 3, 3, (1, 1)),
+    (11, 7, 2, (3, 3)), (8, 1, 2, (0, 0)), (8, 3, 2, (0, 0)),
+    (10, 3, 2, (2, 0)), (8, 3, 1, (1, 1))])
+def test_conv_by_phases_is_the_strided_convolution(h, k, stride, pad):
+  x = np.random.default_rng(0).standard_normal((2, h, h + 1, 5), np.float32)
+  w = np.random.default_rng(1).standard_normal((k, k, 5, 6), np.float32)
+  want = jax.lax.conv_general_dilated(
+      x, w, (stride, stride), (pad, pad),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=jax.lax.Precision.HIGHEST)
+  got = benchmark.conv_by_phases(jnp.asarray(x), jnp.asarray(w),
+                                 stride=stride, padding=(pad, pad))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_inference_conv_totals_and_evidence():
+  rows = [
+      {"batch": 8, "shape": [14, 8, 8, 3, 1], "count": 5,
+       "kind": "3x3, stride 1", "ynnpack": False,
+       "times": {"se_jax": _t(2), "XLA + option": _t(1)}},
+      {"batch": 8, "shape": [14, 8, 8, 3, 2], "count": 1,
+       "kind": "3x3, stride 2", "ynnpack": True,
+       "times": {"se_jax": _t(4), "XLA + option": _t(3),
+                 "se_jax by phases": _t(3.5)}}]
+  totals = benchmark.inference_conv_totals(rows)["8"]
+  assert totals["3x3, stride 1"] == {"se_jax": pytest.approx(0.010),
+                                     "XLA + option": pytest.approx(0.005)}
+  assert totals["3x3, stride 2"]["se_jax by phases"] == pytest.approx(3.5e-3)
+  # Phases were measured on one shape of the two: no total over all.
+  assert set(totals["all"]) == {"se_jax", "XLA + option"}
+  assert totals["all"]["se_jax"] == pytest.approx(0.014)
+  results = {"inference_convs": {"rows": rows}, "inference": {"rows": [
+      {"batch": 8, "times": {"se_jax se_resnet50": _t(30),
+                             "se_jax se_resnet50, XLA conv + option": _t(20)}}
+  ]}}
+  (line,) = benchmark._inference_conv_evidence(results)
+  assert line.startswith("Inference at batch 8: ResNet-50's convolutions")
+  assert "take 14 ms per forward pass" in line and "and 8 ms" in line
+  assert "differ by 10 ms" in line
+  # The kind that costs most comes first.
+  assert line.index("3x3, stride 1 (one output row") < line.index(
+      "3x3, stride 2 (on YNNPACK")
+  assert "by phases 4 ms" in line
+
+
+def test_inference_convs_section_runs_and_reports(tmp_path, monkeypatch):
+  monkeypatch.setattr(benchmark, "resnet50_conv_shapes", lambda size=224: [
+      ((16, 8, 24, 3, 1), 2), ((16, 8, 24, 3, 2), 1), ((8, 24, 32, 1, 1), 1)])
+  out = benchmark.main(["--quick", "--no-torch", "--sections",
+                        "inference_convs", "--out-dir", str(tmp_path)])
+  rows = out["results"]["inference_convs"]["rows"]
+  assert [r["kind"] for r in rows] == ["3x3, stride 1", "3x3, stride 2", "1x1"]
+  assert "se_jax by phases" in rows[1]["times"]
+  assert "se_jax by phases" not in rows[0]["times"]
+  text = (tmp_path / "benchmark.md").read_text()
+  assert "## The convolutions of ResNet-50 alone, inference" in text
+  assert "| 1 | all |" in text
+  saved = json.loads((tmp_path / "benchmark.json").read_text())
+  assert any(e.startswith("Inference at batch 1:") for e in saved["evidence"])
