@@ -555,12 +555,15 @@ def test_inference_conv_totals_and_evidence():
   assert totals["all"]["se_jax"] == pytest.approx(0.014)
   results = {"inference_convs": {"rows": rows}, "inference": {"rows": [
       {"batch": 8, "times": {"se_jax se_resnet50": _t(30),
-                             "se_jax se_resnet50, XLA conv + option": _t(20)}}
+                             "se_jax se_resnet50, XLA conv + option": _t(20),
+                             benchmark.INFERENCE_OPTION: _t(27)}}
   ]}}
   (line,) = benchmark._inference_conv_evidence(results)
   assert line.startswith("Inference at batch 8: ResNet-50's convolutions")
   assert "take 14 ms per forward pass" in line and "and 8 ms" in line
   assert "differ by 10 ms" in line
+  assert "se_jax's own convolutions take 0.900 of the default's time" in line
+  assert "(XLA's 0.667)" in line
   # The kind that costs most comes first.
   assert line.index("3x3, stride 1 (one output row") < line.index(
       "3x3, stride 2 (on YNNPACK")
