@@ -1347,6 +1347,13 @@ _CONV_ROUTE = {
 }
 
 
+def _with_interval(ratio: dict) -> str:
+  """A `paired_ratio` as text, with its interval where it has one."""
+  iv = ratio["interval"]
+  return f"{ratio['value']:.3f}" + (
+      f" (95% interval {iv[0]:.3f}-{iv[1]:.3f})" if iv else "")
+
+
 def _inference_conv_evidence(results: dict) -> list[str]:
   rows = results.get("inference_convs", {}).get("rows")
   if not rows:
@@ -1383,8 +1390,9 @@ def _inference_conv_evidence(results: dict) -> list[str]:
                     if _CONV_ROUTE.get(kind, "").startswith("left to YNNPACK"))
         line += (
             f", and under the option se_jax's own convolutions take"
-            f" {_ratio(t, INFERENCE_OPTION, a):.3f} of the default's time"
-            f" (XLA's {_ratio(t, b, a):.3f}): the option moves to Eigen the"
+            f" {_with_interval(paired_ratio(t, INFERENCE_OPTION, a))} of the"
+            f" default's time (XLA's {_with_interval(paired_ratio(t, b, a))}):"
+            " the option moves to Eigen the"
             " convolutions that XLA hands to YNNPACK in se_jax's"
             f" formulation (the stem and the strided 3x3 ones), which saves"
             f" {1e3 * saved:.0f} ms of the whole pass against"

@@ -564,6 +564,8 @@ def test_inference_conv_totals_and_evidence():
   assert "differ by 10 ms" in line
   assert "se_jax's own convolutions take 0.900 of the default's time" in line
   assert "(XLA's 0.667)" in line
+  assert benchmark._with_interval({"value": 0.9, "interval": (0.8, 0.95)}) == (
+      "0.900 (95% interval 0.800-0.950)")
   # 3 ms saved in the whole pass; the strided one alone: 4 - 3 = 1 ms.
   assert "saves 3 ms of the whole pass against 1 ms" in line
   # The kind that costs most comes first.
