@@ -95,10 +95,16 @@ XLA_CONV_OPTION = {
 # XLA:CPU's options that name oneDNN (jaxlib 0.10), with the option that
 # keeps convolutions off YNNPACK: measured as the route to oneDNN's
 # convolutions, the kernels PyTorch uses on CPUs.
+# Matrix products go to oneDNN one by one: with convolutions alone named,
+# XLA (jaxlib 0.10.2) still gives oneDNN fusions of a matrix product with the
+# elementwise operation that produces its operand (SE's mean before its
+# first FC layer), whose oneDNN partition fails to compile, and the process
+# ends by SIGILL when it runs.
 XLA_ONEDNN_OPTIONS = {
     "xla_cpu_use_onednn": True,
     "xla_cpu_experimental_onednn_fusion_type":
-        "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
+        "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION,"
+        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
     **XLA_CONV_OPTION}
 # The tuning section's name for the step under those options.
 ONEDNN_VARIANT = "conv_impl='xla' + XLA's oneDNN options"
@@ -1275,12 +1281,14 @@ def evidence(results: dict) -> list[str]:
     if tu.get("onednn_crash"):
       lines.append(
           "With XLA's oneDNN options (`xla_cpu_use_onednn` and oneDNN"
-          " convolution fusions) the SE-ResNet-20 step does not run on this"
+          " fusions of single convolutions and matrix products) the"
+          " SE-ResNet-20 step does not run on this"
           f" machine: compiled and run in a child process, {tu['onednn_crash']}"
           "; the variant is left out.")
     if ONEDNN_VARIANT in t and tu.get("onednn_ops") is not None:
-      asked = ("with `xla_cpu_use_onednn` and oneDNN convolution fusions"
-               " asked for (and YNNPACK's convolutions off), the compiled"
+      asked = ("with `xla_cpu_use_onednn` and oneDNN fusions of single"
+               " convolutions and matrix products asked for (and YNNPACK's"
+               " convolutions off), the compiled"
                f" SE-ResNet-20 step calls oneDNN in {tu['onednn_ops']}"
                " instruction(s) and takes"
                f" {_ratio(t, ONEDNN_VARIANT, 'default'):.2f}x the default"

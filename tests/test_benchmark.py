@@ -1,6 +1,7 @@
 """The benchmark's timing, target checks and report, on small inputs."""
 
 import json
+import subprocess
 import sys
 import types
 
@@ -449,6 +450,24 @@ def test_the_options_child_runs_the_trainers_step():
   assert benchmark.runs_in_child(
       "cifar_resnet20", 2, benchmark.XLA_CONV_OPTION,
       {"conv_impl": "xla"}) is None
+
+
+def test_the_onednn_variant_runs_and_calls_onednn():
+  # In a child process: before matrix products were named individually, the
+  # SE block's first FC layer ended the process by SIGILL.
+  assert benchmark.runs_in_child(
+      "cifar_se_resnet20", 2, benchmark.XLA_ONEDNN_OPTIONS,
+      {"conv_impl": "xla"}) is None
+  # Compiled in a fresh process with JAX's compilation cache off, as the
+  # benchmark compiles: XLA cannot write oneDNN's thunks into that cache.
+  code = ("import jax; jax.config.update('jax_enable_compilation_cache',"
+          " False); from experiments import benchmark as b;"
+          " print(b.onednn_ops(b.jax_train_step('cifar_se_resnet20', 2, 32,"
+          " 10, None, options=b.XLA_ONEDNN_OPTIONS, conv_impl='xla')[2]"
+          ".compiled))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=benchmark._ROOT,
+                       capture_output=True, text=True, check=True)
+  assert int(out.stdout.split()[-1]) > 0
 
 
 def test_a_stopped_run_continues_from_its_finished_sections(tmp_path,
