@@ -1344,6 +1344,8 @@ def evidence(results: dict) -> list[str]:
   return lines
 
 
+# The kinds of convolution that XLA hands to YNNPACK in se_jax's default path.
+_LEFT_TO_YNNPACK = ("3x3, stride 2", "7x7 stem")
 # How se_jax's default path runs each kind of convolution on CPUs.
 _CONV_ROUTE = {
     "3x3, stride 1": "one output row more than the input has, so that"
@@ -1357,9 +1359,8 @@ _CONV_ROUTE = {
 
 def _with_interval(ratio: dict) -> str:
   """A `paired_ratio` as text, with its interval where it has one."""
-  iv = ratio["interval"]
   return f"{ratio['value']:.3f}" + (
-      f" (95% interval {iv[0]:.3f}-{iv[1]:.3f})" if iv else "")
+      f" (95% interval {_interval_text(ratio)})" if ratio["interval"] else "")
 
 
 def _inference_conv_evidence(results: dict) -> list[str]:
@@ -1394,8 +1395,7 @@ def _inference_conv_evidence(results: dict) -> list[str]:
       if INFERENCE_OPTION in t:
         saved = t[a]["median_s"] - t[INFERENCE_OPTION]["median_s"]
         alone = sum(v["se_jax"] - v["XLA + option"]
-                    for kind, v in kinds.items()
-                    if _CONV_ROUTE.get(kind, "").startswith("left to YNNPACK"))
+                    for kind, v in kinds.items() if kind in _LEFT_TO_YNNPACK)
         line += (
             f", and under the option se_jax's own convolutions take"
             f" {_with_interval(paired_ratio(t, INFERENCE_OPTION, a))} of the"
