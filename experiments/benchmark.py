@@ -1353,7 +1353,8 @@ _CONV_ROUTE = {
     "3x3, stride 2": "left to YNNPACK, which takes every strided"
                      " convolution this wide",
     "7x7 stem": "left to YNNPACK, as the strided 3x3 ones",
-    "1x1": "matrix products",
+    "1x1": "1-D convolutions over the pixels, which YNNPACK leaves and XLA"
+           " computes as its own matrix products",
 }
 
 

@@ -118,6 +118,24 @@ def test_cpu_formulations_keep_stride_1_convolutions_off_ynnpack():
     assert _convolutions_on_ynnpack(hlo("xla")) > 0
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU codegen")
+@pytest.mark.parametrize("stride", [1, 2])
+def test_cpu_pointwise_forward_is_xlas_own_matrix_product(stride):
+  # XLA:CPU's default pipeline hands a 1x1 convolution, and a matrix
+  # product of the same operands, to YNNPACK; conv2d's forward pass reaches
+  # XLA's own dot instead.
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(4, 14, 14, 64)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(1, 1, 64, 96)), jnp.float32)
+  conv = lambda x, k: conv2d(x, k, strides=(stride, stride))
+  hlo = jax.jit(conv).lower(x, k).compile().as_text()
+  assert "__ynn_fusion" not in hlo
+  assert re.search(r"= f32\[\d+,96\]\S* dot\(", hlo)
+  np.testing.assert_allclose(jax.jit(conv)(x, k),
+                             _reference(x, k, stride, 0, 1),
+                             rtol=1e-4, atol=1e-4)
+
+
 def test_gradient_with_respect_to_one_argument():
   rng = np.random.default_rng(1)
   x = jnp.asarray(rng.normal(size=(2, 6, 6, 4)), jnp.float32)
