@@ -35,8 +35,8 @@ Other configurations are chosen by explicit arguments: the model options
 - ``inference_convs``: the convolutions of ResNet-50 alone in inference, at
   the inference batches: se_jax's `conv2d` without options against XLA's
   convolution with `XLA_CONV_OPTION` (the inference section's fastest other
-  configuration), and the strided ones also as stride-1 convolutions of
-  their input's phases (`conv_by_phases`).
+  configuration), and the strided 3x3 ones also as XLA's convolution
+  without options (on YNNPACK).
 - ``tuning``: what se_jax's measures buy: the CIFAR SE-ResNet-20 step with
   XLA's convolution option, with XLA's convolutions (``conv_impl="xla"``),
   with them and that option, and with the last BN apart from SE
@@ -91,6 +91,8 @@ SECTIONS = ("inference", "train", "cifar", "se_block", "memory", "kernels",
 XLA_CONV_OPTION = {
     "xla_cpu_experimental_ynn_fusion_type":
         "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+# The `inference_convs` program of XLA's convolution without options.
+CONV_NO_OPTION = "XLA, no option"
 
 # XLA:CPU's options that name oneDNN (jaxlib 0.10), with the option that
 # keeps convolutions off YNNPACK: measured as the route to oneDNN's
@@ -925,47 +927,11 @@ def conv_kind(kernel: int, stride: int) -> str:
   return f"{kernel}x{kernel} stem"
 
 
-def conv_by_phases(x, kernel, *, stride: int, padding):
-  """A strided `conv2d` as the sum of stride-1 `conv2d`s of the input's
-  phases: the rows and columns whose index is r modulo `stride` meet only
-  the kernel taps t with t - low padding = r modulo `stride`, so each phase
-  is a stride-1 convolution with those taps. The same multiply-adds as the
-  strided convolution, in up to stride**2 convolutions and a sum."""
-  if stride == 1:
-    return conv2d(x, kernel, padding=padding)
-  k = kernel.shape[0]
-
-  def phases(n, lo, hi):
-    """Per phase: the rows it takes, its kernel taps, its padding."""
-    out = (n + lo + hi - k) // stride + 1
-    taps: dict[int, list[int]] = {}
-    for t in range(k):
-      taps.setdefault((t - lo) % stride, []).append(t)
-    result = []
-    for r, ts in sorted(taps.items()):
-      first, last = ((t - lo - r) // stride for t in (ts[0], ts[-1]))
-      length = len(range(r, n, stride))
-      low, high = -first, out - 1 + last - (length - 1)
-      # Rows that no output reads are cut off instead of padded.
-      start, stop = max(0, -low), length + min(0, high)
-      result.append((slice(r + stride * start, r + stride * stop, stride),
-                     np.array(ts), (max(0, low), max(0, high))))
-    return result
-
-  (top, bottom), (left, right) = padding
-  total = None
-  for r, rows, rpad in phases(x.shape[1], top, bottom):
-    for c, cols, cpad in phases(x.shape[2], left, right):
-      y = conv2d(x[:, r, c], kernel[rows][:, cols],
-                 padding=(rpad, cpad))
-      total = y if total is None else total + y
-  return total
-
-
 def section_inference_convs(cfg) -> dict:
   """Each convolution of a ResNet-50 at 224 x 224, forward only: se_jax's
   `conv2d` in XLA's default pipeline against XLA's convolution with
-  `XLA_CONV_OPTION`, the strided 3x3 ones also by phases; on CPUs."""
+  `XLA_CONV_OPTION`, the strided 3x3 ones also against XLA's convolution
+  without options; on CPUs."""
   if cfg["gpu"]:
     return {"rows": []}
   dtype = cfg["dtype"] or jnp.float32
@@ -981,9 +947,8 @@ def section_inference_convs(cfg) -> dict:
                    functools.partial(conv, impl="xla"), x, w,
                    options=XLA_CONV_OPTION)}
       if k == 3 and s > 1:
-        progs["se_jax by phases"] = _Compiled(
-            functools.partial(conv_by_phases, stride=s, padding=padding),
-            x, w)
+        progs[CONV_NO_OPTION] = _Compiled(
+            functools.partial(conv, impl="xla"), x, w)
       times = time_alternating(
           {n: (lambda f=f: f(x, w).block_until_ready())
            for n, f in progs.items()}, cfg["repeats"])
@@ -1345,14 +1310,14 @@ def evidence(results: dict) -> list[str]:
 
 
 # The kinds of convolution that XLA hands to YNNPACK in se_jax's default path.
-_LEFT_TO_YNNPACK = ("3x3, stride 2", "7x7 stem")
+_LEFT_TO_YNNPACK = ("7x7 stem",)
 # How se_jax's default path runs each kind of convolution on CPUs.
 _CONV_ROUTE = {
     "3x3, stride 1": "one output row more than the input has, so that"
                      " Eigen runs them",
-    "3x3, stride 2": "left to YNNPACK, which takes every strided"
-                     " convolution this wide",
-    "7x7 stem": "left to YNNPACK, as the strided 3x3 ones",
+    "3x3, stride 2": "stride-1 convolutions of the input's phases, which"
+                     " Eigen runs",
+    "7x7 stem": "left to YNNPACK, which was faster for it than its phases",
     "1x1": "1-D convolutions over the pixels, which YNNPACK leaves and XLA"
            " computes as its own matrix products",
 }
@@ -1378,11 +1343,12 @@ def _inference_conv_evidence(results: dict) -> list[str]:
     for kind, t in sorted(kinds.items(), key=lambda kv: kv[1]["XLA + option"]
                           - kv[1]["se_jax"]):
       route = _CONV_ROUTE.get(kind)
-      phases = t.get("se_jax by phases")
+      plain = t.get(CONV_NO_OPTION)
       parts.append(
           f"{kind}{f' ({route})' if route else ''}"
           f" {1e3 * t['se_jax']:.0f} vs {1e3 * t['XLA + option']:.0f} ms"
-          + (f", by phases {1e3 * phases:.0f} ms" if phases else ""))
+          + (f", XLA's convolution without options (YNNPACK)"
+             f" {1e3 * plain:.0f} ms" if plain else ""))
     line = (
         f"Inference at batch {batch}: ResNet-50's convolutions, each timed"
         f" alone, take {1e3 * ours:.0f} ms per forward pass in se_jax's"
@@ -1403,7 +1369,7 @@ def _inference_conv_evidence(results: dict) -> list[str]:
             f" default's time (XLA's {_with_interval(paired_ratio(t, b, a))}):"
             " the option moves to Eigen the"
             " convolutions that XLA hands to YNNPACK in se_jax's"
-            f" formulation (the stem and the strided 3x3 ones), which saves"
+            f" formulation ({', '.join(_LEFT_TO_YNNPACK)}), which saves"
             f" {1e3 * saved:.0f} ms of the whole pass against"
             f" {1e3 * alone:.0f} ms when those convolutions are timed alone")
     lines.append(line + ". By kind, default vs option: " + "; ".join(parts)
@@ -1633,15 +1599,16 @@ def to_markdown(results: dict, checks: list[dict], prov: dict,
         "`se_jax`: `se_jax.conv.conv2d` as the models use it, in XLA's"
         " default pipeline; `XLA + option`: XLA's convolution with the"
         " option that keeps it off YNNPACK (the convolutions of the"
-        " inference section's `XLA conv + option` row); `se_jax by phases`:"
-        " a strided 3x3 convolution as stride-1 `conv2d`s of its input's"
-        " phases (`experiments.benchmark.conv_by_phases`). Totals count"
-        " each shape as often as ResNet-50 has it.\n")
+        f" inference section's `XLA conv + option` row); `{CONV_NO_OPTION}`:"
+        " XLA's convolution in its default pipeline, which hands it to"
+        " YNNPACK (measured for the strided 3x3 ones, which se_jax computes"
+        " from their input's phases). Totals count each shape as often as"
+        " ResNet-50 has it.\n")
     out.append("| batch | kind | se_jax ms | XLA + option ms | se_jax /"
-               " option | se_jax by phases ms |\n|---|---|---|---|---|---|")
+               f" option | {CONV_NO_OPTION} ms |\n|---|---|---|---|---|---|")
     for batch, kinds in totals.items():
       for kind, tot in sorted(kinds.items(), key=lambda kv: kv[0] == "all"):
-        phases = tot.get("se_jax by phases")
+        phases = tot.get(CONV_NO_OPTION)
         out.append(
             f"| {batch} | {kind} | {1e3 * tot['se_jax']:.1f} |"
             f" {1e3 * tot['XLA + option']:.1f} |"

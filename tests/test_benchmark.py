@@ -540,22 +540,6 @@ def test_resnet50_conv_shapes_are_the_models_convolutions():
   assert benchmark.conv_kind(1, 2) == "1x1"
 
 
-@pytest.mark.parametrize("h,k,stride,pad", [
-    (8, 3, 2, (1, 1)), (7, 3, 2, (1, 1)), (9, 3, 3, (1, 1)),
-    (11, 7, 2, (3, 3)), (8, 1, 2, (0, 0)), (8, 3, 2, (0, 0)),
-    (10, 3, 2, (2, 0)), (8, 3, 1, (1, 1))])
-def test_conv_by_phases_is_the_strided_convolution(h, k, stride, pad):
-  x = np.random.default_rng(0).standard_normal((2, h, h + 1, 5), np.float32)
-  w = np.random.default_rng(1).standard_normal((k, k, 5, 6), np.float32)
-  want = jax.lax.conv_general_dilated(
-      x, w, (stride, stride), (pad, pad),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      precision=jax.lax.Precision.HIGHEST)
-  got = benchmark.conv_by_phases(jnp.asarray(x), jnp.asarray(w),
-                                 stride=stride, padding=(pad, pad))
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
-
-
 def test_inference_conv_totals_and_evidence():
   rows = [
       {"batch": 8, "shape": [14, 8, 8, 3, 1], "count": 5,
@@ -564,14 +548,19 @@ def test_inference_conv_totals_and_evidence():
       {"batch": 8, "shape": [14, 8, 8, 3, 2], "count": 1,
        "kind": "3x3, stride 2", "ynnpack": True,
        "times": {"se_jax": _t(4), "XLA + option": _t(3),
-                 "se_jax by phases": _t(3.5)}}]
+                 benchmark.CONV_NO_OPTION: _t(3.5)}},
+      {"batch": 8, "shape": [56, 3, 8, 7, 2], "count": 1,
+       "kind": "7x7 stem", "ynnpack": True,
+       "times": {"se_jax": _t(2), "XLA + option": _t(1)}}]
   totals = benchmark.inference_conv_totals(rows)["8"]
   assert totals["3x3, stride 1"] == {"se_jax": pytest.approx(0.010),
                                      "XLA + option": pytest.approx(0.005)}
-  assert totals["3x3, stride 2"]["se_jax by phases"] == pytest.approx(3.5e-3)
-  # Phases were measured on one shape of the two: no total over all.
+  assert totals["3x3, stride 2"][benchmark.CONV_NO_OPTION] == pytest.approx(
+      3.5e-3)
+  # XLA without options was measured on one shape of the two: no total over
+  # all.
   assert set(totals["all"]) == {"se_jax", "XLA + option"}
-  assert totals["all"]["se_jax"] == pytest.approx(0.014)
+  assert totals["all"]["se_jax"] == pytest.approx(0.016)
   results = {"inference_convs": {"rows": rows}, "inference": {"rows": [
       {"batch": 8, "times": {"se_jax se_resnet50": _t(30),
                              "se_jax se_resnet50, XLA conv + option": _t(20),
@@ -579,18 +568,19 @@ def test_inference_conv_totals_and_evidence():
   ]}}
   (line,) = benchmark._inference_conv_evidence(results)
   assert line.startswith("Inference at batch 8: ResNet-50's convolutions")
-  assert "take 14 ms per forward pass" in line and "and 8 ms" in line
+  assert "take 16 ms per forward pass" in line and "and 9 ms" in line
   assert "differ by 10 ms" in line
   assert "se_jax's own convolutions take 0.900 of the default's time" in line
   assert "(XLA's 0.667)" in line
   assert benchmark._with_interval({"value": 0.9, "interval": (0.8, 0.95)}) == (
       "0.900 (95% interval 0.800-0.950)")
-  # 3 ms saved in the whole pass; the strided one alone: 4 - 3 = 1 ms.
+  # 3 ms saved in the whole pass; the stem alone: 2 - 1 = 1 ms.
   assert "saves 3 ms of the whole pass against 1 ms" in line
   # The kind that costs most comes first.
   assert line.index("3x3, stride 1 (one output row") < line.index(
-      "3x3, stride 2 (left to YNNPACK")
-  assert "by phases 4 ms" in line
+      "3x3, stride 2 (stride-1 convolutions of the input's phases")
+  assert "XLA's convolution without options (YNNPACK) 4 ms" in line
+  assert "in se_jax's formulation (7x7 stem)" in line
 
 
 def test_inference_convs_section_runs_and_reports(tmp_path, monkeypatch):
@@ -600,8 +590,8 @@ def test_inference_convs_section_runs_and_reports(tmp_path, monkeypatch):
                         "inference_convs", "--out-dir", str(tmp_path)])
   rows = out["results"]["inference_convs"]["rows"]
   assert [r["kind"] for r in rows] == ["3x3, stride 1", "3x3, stride 2", "1x1"]
-  assert "se_jax by phases" in rows[1]["times"]
-  assert "se_jax by phases" not in rows[0]["times"]
+  assert benchmark.CONV_NO_OPTION in rows[1]["times"]
+  assert benchmark.CONV_NO_OPTION not in rows[0]["times"]
   text = (tmp_path / "benchmark.md").read_text()
   assert "## The convolutions of ResNet-50 alone, inference" in text
   assert "| 1 | all |" in text

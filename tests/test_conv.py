@@ -27,6 +27,9 @@ CASES = [  # (in channels, out channels, kernel, stride, padding, groups)
     (40, 20, 3, 2, 1, 1),
     (32, 24, 1, 1, 0, 1),
     (20, 40, 1, 2, 0, 1),
+    # At least 64 input features: strided ones by phases.
+    (64, 24, 3, 2, 1, 1),
+    (64, 20, 3, 3, 1, 1),
 ]
 
 
@@ -134,6 +137,35 @@ def test_cpu_pointwise_forward_is_xlas_own_matrix_product(stride):
   np.testing.assert_allclose(jax.jit(conv)(x, k),
                              _reference(x, k, stride, 0, 1),
                              rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("h,k,stride,pad", [
+    (8, 3, 2, (1, 1)), (7, 3, 2, (1, 1)), (9, 3, 3, (1, 1)),
+    (11, 7, 2, (3, 3)), (8, 1, 2, (0, 0)), (8, 3, 2, (0, 0)),
+    (10, 3, 2, (2, 0)), (8, 3, 1, (1, 1))])
+def test_phases_give_the_strided_convolution(h, k, stride, pad):
+  x = np.random.default_rng(0).standard_normal((2, h, h + 1, 5), np.float32)
+  w = np.random.default_rng(1).standard_normal((k, k, 5, 6), np.float32)
+  want = lax.conv_general_dilated(
+      x, w, (stride, stride), (pad, pad),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      precision=lax.Precision.HIGHEST)
+  spec = conv_lib._Spec((stride, stride), (pad, pad), 1)
+  got = conv_lib._by_phases(jnp.asarray(x), jnp.asarray(w), spec)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU codegen")
+def test_cpu_wide_strided_convolutions_run_by_phases_off_ynnpack():
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(2, 14, 14, 64)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(3, 3, 64, 64)), jnp.float32)
+  conv = lambda x, k: conv2d(x, k, strides=(2, 2), padding=((1, 1), (1, 1)))
+  assert _convolutions_on_ynnpack(
+      jax.jit(conv).lower(x, k).compile().as_text()) == 0
+  # Four phases, four convolutions.
+  jaxpr = str(jax.make_jaxpr(conv)(x, k))
+  assert jaxpr.count("conv_general_dilated[") >= 4
 
 
 def test_gradient_with_respect_to_one_argument():
