@@ -1323,6 +1323,14 @@ _CONV_ROUTE = {
 }
 
 
+def _saving(seconds: float) -> str:
+  """A time saved, as text; a negative one as a cost."""
+  ms = round(1e3 * seconds)
+  if ms == 0:
+    return "changes less than 1 ms"
+  return f"saves {ms} ms" if ms > 0 else f"costs {-ms} ms"
+
+
 def _with_interval(ratio: dict) -> str:
   """A `paired_ratio` as text, with its interval where it has one."""
   return f"{ratio['value']:.3f}" + (
@@ -1369,9 +1377,9 @@ def _inference_conv_evidence(results: dict) -> list[str]:
             f" default's time (XLA's {_with_interval(paired_ratio(t, b, a))}):"
             " the option moves to Eigen the"
             " convolutions that XLA hands to YNNPACK in se_jax's"
-            f" formulation ({', '.join(_LEFT_TO_YNNPACK)}), which saves"
-            f" {1e3 * saved:.0f} ms of the whole pass against"
-            f" {1e3 * alone:.0f} ms when those convolutions are timed alone")
+            f" formulation ({', '.join(_LEFT_TO_YNNPACK)}); moving them"
+            f" {_saving(saved)} of the whole pass and {_saving(alone)} of"
+            " those convolutions timed alone")
     lines.append(line + ". By kind, default vs option: " + "; ".join(parts)
                  + ".")
   return lines

@@ -20,9 +20,9 @@ and the kernel gradient) on a fast kernel, with no compiler option:
   blocks of at most 16 images and 16 output channels. All three then run on
   Eigen.
 - In the forward pass, a strided convolution with at least 64 input
-  features is the sum of stride-1 convolutions of its input's phases (the rows and columns of one
-  index modulo the stride, each with the kernel taps that meet them): the
-  same multiply-adds, on Eigen as above. SE-ResNet-50's inference took
+  features is the sum of stride-1 convolutions of its input's phases (the
+  rows and columns of one index modulo the stride, each with the kernel taps
+  that meet them): the same multiply-adds, on Eigen as above. SE-ResNet-50's inference took
   0.90-0.99x the time with YNNPACK's strided convolutions at batches 1-32.
   The 7x7 stem (3 input features) and the CIFAR ResNets' narrower strided
   convolutions were slower so, and stay on YNNPACK.
@@ -166,13 +166,13 @@ def _by_phases(x, kernel, spec: _Spec):
 def _by_phases_faster(x, kernel, spec: _Spec) -> bool:
   """Whether a strided convolution that YNNPACK would take is faster as
   stride-1 convolutions of its phases, which run on Eigen."""
-  cin, cout = kernel.shape[2], kernel.shape[3]
-  out = [_out_size(n, k, s, p) for n, k, s, p in
-         zip(x.shape[1:3], kernel.shape[:2], spec.strides, spec.padding)]
+  dims = list(zip(x.shape[1:3], kernel.shape[:2], spec.strides,
+                  spec.padding))
   return (spec.strides != (1, 1) and spec.groups == 1
-          and cin >= _PHASES_MIN_FEATURES
+          and kernel.shape[2] >= _PHASES_MIN_FEATURES
           and max(kernel.shape[:2]) > 1
-          and all(o <= n for o, n in zip(out, x.shape[1:3])))
+          and all(n >= max(k, s) and 0 < _out_size(n, k, s, p) <= n
+                  for n, k, s, p in dims))
 
 
 def _cpu_forward(x, kernel, spec: _Spec):
