@@ -1103,6 +1103,15 @@ def check_targets(results: dict, cfg: dict) -> list[dict]:
            "interval": (flops / iv[1] / rate, flops / iv[0] / rate)
            if iv else None},
           f"SE-ResNet-{d}: {achieved / 1e9:.1f} of {rate / 1e9:.1f} GFLOP/s")
+  tuning = results.get("tuning", {})
+  if tuning.get("times"):
+    # Every configuration of the tuning section, options included.
+    t = tuning["times"]
+    best = _fastest_other(t, "default", list(t))
+    if best is not None:
+      add("default_within_fastest_train", paired_ratio(t, "default", best),
+          f"CIFAR SE-ResNet-20, batch {tuning['batch']}, trainer step"
+          f" against {best} (tuning section)")
   for row in results.get("memory", {}).get("rows", []):
     add("memory_se_over_plain", row["ratio"],
         f"{row['plain']}, batch {row['batch']}")
@@ -1261,7 +1270,13 @@ def evidence(results: dict) -> list[str]:
       lines.append(
           ("oneDNN, whose kernels PyTorch runs, is not reachable through"
            f" XLA:CPU's options in this jaxlib: {asked}.")
-          if tu["onednn_ops"] == 0 else f"XLA's oneDNN route: {asked}.")
+          if tu["onednn_ops"] == 0 else (
+              f"XLA's oneDNN route: {asked}. These are compiler options of"
+              " the whole program (or, through `XLA_FLAGS`, of the whole"
+              " process): they move every convolution and matrix product of"
+              " it to oneDNN, the user's own included, which changes their"
+              " values, and no formulation under a plain `jax.jit` reaches"
+              " oneDNN, so se_jax's default path cannot take this route."))
     fold = tu.get("fold")
     if fold:
       t, m = fold["times"], fold["peak_bytes"]
