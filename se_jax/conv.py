@@ -22,17 +22,19 @@ and the kernel gradient) on a fast kernel, with no compiler option:
 - In the forward pass, a strided convolution with at least 64 input
   features is the sum of stride-1 convolutions of its input's phases (the
   rows and columns of one index modulo the stride, each with the kernel taps
-  that meet them): the same multiply-adds, on Eigen as above. SE-ResNet-50's inference took
-  0.90-0.99x the time with YNNPACK's strided convolutions at batches 1-32.
-  The 7x7 stem (3 input features) and the CIFAR ResNets' narrower strided
-  convolutions were slower so, and stay on YNNPACK.
+  that meet them): the same multiply-adds, on Eigen as above. The 7x7 stem
+  (3 input features) and the CIFAR ResNets' narrower strided convolutions
+  were slower so, and stay on YNNPACK.
 - A 1x1 convolution is a matrix product. YNNPACK takes only 2-D
   convolutions, and XLA turns a 1x1 convolution that it leaves into a matrix
-  product of its own (Eigen's), which took 0.82-0.94x the time of
-  YNNPACK's dot for ResNet-50's 1x1 convolutions at batches 8 and 32. So the forward pass
-  is a 1-D convolution over the image's pixels. The gradients are matrix
-  products that YNNPACK does not take (their operands are transposed), on
-  XLA's own dot too.
+  product of its own (Eigen's), faster than YNNPACK's dot for ResNet-50's
+  1x1 convolutions. So the forward pass is a 1-D convolution over the
+  image's pixels. The gradients are matrix products that YNNPACK does not
+  take (their operands are transposed), on XLA's own dot too.
+- Section ``inference_convs`` of the benchmark times each convolution of
+  ResNet-50 this way against XLA's convolution with the option that keeps
+  it off YNNPACK (which gives a 1x1 one XLA's own dot), and the strided
+  ones also against XLA's convolution without it.
 
 Every formulation is a linear map of the tangent that JAX differentiates and
 transposes itself, so gradients of any order and forward mode work.
