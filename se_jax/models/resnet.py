@@ -289,7 +289,17 @@ class ResidualUnit(nnx.Module):
       out = self.attn(out)
     # In a buffer of its own, read by the next unit's convolution and its
     # shortcut sum alike (see `materialized`).
-    return materialized(out) if self._materialize else out
+    if not self._materialize:
+      return out
+    if (self.block == "bottleneck" and self.bn1.use_running_average
+        and out.ndim == 4):
+      # In inference the next bottleneck's 1x1 convolution reads the map as
+      # rows of pixels (see `se_jax.conv`); written in that shape, the
+      # buffer is the one both readers share, where the image's shape would
+      # have XLA copy it for one of them.
+      n, hh, ww, c = out.shape
+      return materialized(out.reshape(n, hh * ww, c)).reshape(out.shape)
+    return materialized(out)
 
 
 def _max_pool_3x3_s2(x: jax.Array, ceil_mode: bool) -> jax.Array:
