@@ -296,7 +296,8 @@ class ResidualUnit(nnx.Module):
       # In inference the next bottleneck's 1x1 convolution reads the map as
       # rows of pixels (see `se_jax.conv`); written in that shape, the
       # buffer is the one both readers share, where the image's shape would
-      # have XLA copy it for one of them.
+      # have XLA copy it for one of them. In training, and in basic units,
+      # whose next convolution is 3x3, that shape adds copies instead.
       n, hh, ww, c = out.shape
       return materialized(out.reshape(n, hh * ww, c)).reshape(out.shape)
     return materialized(out)
