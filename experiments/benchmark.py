@@ -1147,19 +1147,25 @@ def _times_table(times: dict, batch: int, baseline: str | None = None,
   return out
 
 
-def se_input_bytes(name: str, batch: int, size: int,
-                   itemsize: int = 4) -> int:
+def se_input_bytes(name: str, batch: int, size: int, itemsize: int = 4,
+                   inference: bool = False) -> int:
   """Bytes of all the maps the SE blocks of ImageNet network `name` read,
   for one batch: what the squeeze reads in a pass the plain network does
   not make. Each stage's maps are ``size / 4`` (after the stem) halved per
-  stage, with the units' output channels."""
+  stage, with the units' output channels; in `inference` a bottleneck unit
+  that folds its last BN into the attention squeezes the input of its last
+  1x1 convolution instead, with that convolution's input channels."""
   model = nnx.eval_shape(lambda: create(name))
   total = 0
   for i, stage in enumerate(model.stages):
     side = size // 4 // 2 ** i
     for unit in stage:
-      if unit.attn is not None:
-        total += batch * side * side * unit.out_channels
+      if unit.attn is None:
+        continue
+      channels = unit.out_channels
+      if inference and unit.block == "bottleneck" and unit.fold_norm:
+        channels = unit.conv3.in_features
+      total += batch * side * side * channels
   return itemsize * total
 
 
@@ -1412,19 +1418,23 @@ def _inference_evidence(results: dict) -> list[str]:
     # The pooling pass's measured rate over the SE blocks' maps.
     moved = sum(4 * np.prod(r["shape"]) for r in blocks)
     pooled = sum(r["times"]["pooling pass"]["median_s"] for r in blocks)
-    nbytes = se_input_bytes("se_resnet50", b, 224)
+    nbytes = se_input_bytes("se_resnet50", b, 224, inference=True)
     pass_s = nbytes * pooled / moved
     lines.append(
         f"SE-ResNet-50 inference at batch {b} takes {1e3 * extra:.0f} ms"
         f" more than ResNet-50 (SE / plain"
         f" {_ratio(t, 'se_jax se_resnet50', 'se_jax resnet50'):.3f}). With"
-        f" the BN folded in, the SE blocks add one pass over their input"
-        f" maps to the plain network's work, the squeeze: {nbytes / 1e6:.0f}"
-        f" MB, {1e3 * pass_s:.0f} ms at the pooling rate measured in the"
-        " SE-block section, besides the small FC layers. The extra time is"
-        + (" within" if extra <= pass_s else f" {extra / pass_s:.1f}x")
-        + " the cost of that pass, which only fusing the pooling into the"
-        " convolution that produces the map would save.")
+        " the BN folded in, the SE blocks add one pass over a map to the"
+        " plain network's work, the squeeze, which in inference reads the"
+        " input of each unit's last 1x1 convolution (a quarter of the"
+        f" output's channels): {nbytes / 1e6:.0f} MB, {1e3 * pass_s:.0f} ms"
+        " at the pooling rate measured in the SE-block section, besides the"
+        " small FC layers. The extra time is"
+        + (" within the cost of that pass." if extra <= pass_s else
+           f" {extra / pass_s:.1f}x the cost of that pass; the rest is the"
+           " SE blocks' other operations (per unit the squeeze's reduction,"
+           " three small matrix products and the gate's product in the"
+           " unit's output pass), which this run does not time apart."))
   for row in rows:
     t = row["times"]
     if row["batch"] == 1 and _ratio(t, "se_jax se_resnet50",

@@ -177,6 +177,10 @@ def test_se_input_bytes_counts_every_se_blocks_map():
   per_image = sum(n * h * h * c for n, h, c in (
       (3, 56, 256), (4, 28, 512), (6, 14, 1024), (3, 7, 2048)))
   assert benchmark.se_input_bytes("se_resnet50", 2, 224) == 4 * 2 * per_image
+  # In inference each unit squeezes its last 1x1 convolution's input, a
+  # quarter of the output's channels.
+  assert benchmark.se_input_bytes(
+      "se_resnet50", 2, 224, inference=True) == 2 * per_image
 
 
 def test_cifar_conv_counts_cover_every_convolution():
@@ -276,11 +280,18 @@ def test_evidence_names_what_bounds_the_step():
   assert ("without it (`materialize=False`) the CIFAR SE-ResNet-110 step"
           " takes 1515.0 ms against 1010.0 ms (1.50x)") in text
   assert "ResNet-50 training, batch 8 1.10x, 1.20x CL" in text
-  # 22,076,160 bytes of SE inputs per image, pooled at 4e6 bytes in 2 ms.
+  # In inference a quarter of the units' outputs, 5,519,360 bytes per
+  # image, pooled at 4e6 bytes in 2 ms.
   assert "takes -5 ms more than ResNet-50" in text
-  assert "22 MB, 11 ms at the pooling rate" in text
+  assert "6 MB, 3 ms at the pooling rate" in text
+  assert "within the cost of that pass." in text
   assert "At batch 1 SE-ResNet-50 runs faster than ResNet-50" in text
   assert "without SE and with SE, by batch: 1: 0.90 and 1.16." in text
+  # 11 ms more than the squeeze's pass: the rest is not put on the pass.
+  results["inference"]["rows"][0]["times"]["se_jax se_resnet50"] = _t(111)
+  text = " ".join(benchmark.evidence(results))
+  assert "takes 11 ms more than ResNet-50" in text
+  assert "4.0x the cost of that pass; the rest is" in text
 
 
 def test_the_benchmark_times_the_trainers_step():
