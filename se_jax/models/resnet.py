@@ -291,8 +291,7 @@ class ResidualUnit(nnx.Module):
     # shortcut sum alike (see `materialized`).
     if not self._materialize:
       return out
-    if (self.block == "bottleneck" and self.bn1.use_running_average
-        and out.ndim == 4):
+    if self.block == "bottleneck" and self.bn1.use_running_average:
       # In inference the next bottleneck's 1x1 convolution reads the map as
       # rows of pixels (see `se_jax.conv`); written in that shape, the
       # buffer is the one both readers share, where the image's shape would
