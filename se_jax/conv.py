@@ -2,9 +2,13 @@
 
 `conv2d` is ``lax.conv_general_dilated`` on NHWC images and HWIO kernels:
 the same values and derivatives, in forward and reverse mode. On GPUs and
-TPUs it is that convolution. On CPUs it is written so that XLA's default
-pipeline runs each of its three parts (the forward pass, the input gradient
-and the kernel gradient) on a fast kernel, with no compiler option:
+TPUs it is that convolution. On CPUs, a float32 convolution wider than 1x1
+runs on oneDNN's kernels where `se_jax.onednn` is built (`resolve` says
+which computation a convolution gets). Every other one, and every one where
+the handlers are not built, is written so that XLA's default pipeline runs
+each of its three parts (the forward pass, the input gradient and the
+kernel gradient) on a fast kernel, with no compiler option (the
+"formulation"):
 
 - XLA:CPU (jaxlib 0.10) hands convolutions to YNNPACK, unless one of YNNPACK's
   own conditions declines them, and otherwise to Eigen. For the convolutions
@@ -44,7 +48,8 @@ producers (the BatchNorm and ReLU before the convolution) into the layout
 change that the kernel gradient needs, and recomputes them with a strided
 access pattern.
 
-``impl="xla"`` gives XLA's own convolution everywhere, for comparison.
+``impl="formulated"`` gives the formulation wherever oneDNN would run, and
+``impl="xla"`` XLA's own convolution everywhere, for comparison.
 """
 
 from __future__ import annotations
@@ -58,9 +63,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-__all__ = ["IMPLEMENTATIONS", "conv2d", "materialized"]
+from se_jax import onednn
 
-IMPLEMENTATIONS = ("auto", "xla")
+__all__ = ["IMPLEMENTATIONS", "conv2d", "materialized", "resolve"]
+
+IMPLEMENTATIONS = ("auto", "onednn", "formulated", "xla")
 
 _DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 # YNNPACK declines convolutions whose input and output features are both at
@@ -302,8 +309,53 @@ def _on_cpu(cpu, x, kernel, spec: _Spec, impl: str):
   return lax.platform_dependent(x, kernel, cpu=on_cpu, default=xla)
 
 
+def _onednn(x, kernel, spec: _Spec):
+  return onednn.conv2d(x, kernel, strides=spec.strides, padding=spec.padding)
+
+
+def resolve(impl: str, x, kernel, *, strides: Sequence[int] = (1, 1),
+            padding: Sequence[tuple[int, int]] = ((0, 0), (0, 0)),
+            groups: int = 1) -> str:
+  """Which computation `conv2d` runs on CPUs for these operands:
+  ``"onednn"`` (oneDNN's kernels, `se_jax.onednn`), ``"formulated"`` (XLA
+  operations arranged for XLA:CPU's fast kernels, the module docstring) or
+  ``"xla"``. ``"auto"`` is oneDNN where its handlers are built and take the
+  convolution (float32, no feature groups) and the kernel is wider than
+  1x1, the formulation otherwise: for ResNet-50's 1x1 convolutions XLA's
+  own matrix product was as fast as oneDNN's convolution alone (0.87-1.17x
+  by shape) and faster inside the network, where oneDNN reorders the kernel
+  on every call.
+
+  Raises:
+    RuntimeError: for ``impl="onednn"`` when the handlers are not built.
+    ValueError: for ``impl="onednn"`` and a convolution they do not take.
+  """
+  if impl in ("formulated", "xla"):
+    return impl
+  takes = onednn.supports(x, kernel, strides, padding, groups)
+  if impl == "onednn":
+    if not onednn.available():
+      raise RuntimeError(
+          "conv2d(impl='onednn'): se_jax's oneDNN handlers are not built"
+          f" ({onednn.library_path()}); run `python -m se_jax.build_onednn`.")
+    if not takes:
+      raise ValueError(
+          "conv2d(impl='onednn') takes float32 operands without feature"
+          " groups, non-negative padding and windows that reach the padded"
+          " input's last row and column, got"
+          f" {x.dtype} {x.shape}, {kernel.dtype} {kernel.shape}, strides"
+          f" {tuple(strides)}, padding {tuple(padding)}, groups {groups}.")
+    return "onednn"
+  pointwise = tuple(kernel.shape[:2]) == (1, 1)
+  if takes and not pointwise and onednn.available():
+    return "onednn"
+  return "formulated"
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
 def _conv(x, kernel, spec: _Spec, impl: str):
+  if impl == "onednn":
+    return _on_cpu(_onednn, x, kernel, spec, impl)
   return _on_cpu(_cpu_forward, x, kernel, spec, impl)
 
 
@@ -311,13 +363,19 @@ def _conv(x, kernel, spec: _Spec, impl: str):
 def _conv_jvp(spec, impl, primals, tangents):
   x, kernel = primals
   tx, tk = tangents
-  x = materialized(x)
-  y = _on_cpu(_cpu_forward, x, kernel, spec, impl)
+  if impl == "onednn":
+    # The three parts are one primitive that JAX transposes itself.
+    forward = input_term = kernel_term = _onednn
+  else:
+    x = materialized(x)
+    forward, input_term, kernel_term = (
+        _cpu_forward, _cpu_input_term, _cpu_kernel_term)
+  y = _on_cpu(forward, x, kernel, spec, impl)
   terms = []
   if not isinstance(tx, jax.custom_derivatives.SymbolicZero):
-    terms.append(_on_cpu(_cpu_input_term, tx, kernel, spec, impl))
+    terms.append(_on_cpu(input_term, tx, kernel, spec, impl))
   if not isinstance(tk, jax.custom_derivatives.SymbolicZero):
-    terms.append(_on_cpu(_cpu_kernel_term, x, tk, spec, impl))
+    terms.append(_on_cpu(kernel_term, x, tk, spec, impl))
   ty = functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(y)
   return y, ty
 
@@ -339,17 +397,21 @@ def conv2d(
     strides: the two spatial strides.
     padding: explicit ``(low, high)`` zero padding of each spatial dim.
     groups: feature groups (ResNeXt's cardinality).
-    impl: ``"auto"``: formulated for a fast plain ``jax.jit`` on CPUs (see
-      the module docstring), XLA's convolution elsewhere; ``"xla"``: XLA's
-      convolution everywhere (with the saved input of the module
-      docstring), which XLA:CPU runs on YNNPACK unless the compiler option
+    impl: ``"auto"``: on CPUs oneDNN's kernels or the formulation, as
+      `resolve` picks, XLA's convolution elsewhere; ``"onednn"``: oneDNN's
+      kernels on CPUs (`se_jax.onednn`); ``"formulated"``: the formulation
+      of the module docstring on CPUs; ``"xla"``: XLA's convolution
+      everywhere (with the saved input of the module docstring), which
+      XLA:CPU runs on YNNPACK unless the compiler option
       ``xla_cpu_experimental_ynn_fusion_type`` leaves convolutions out.
 
   Returns:
     (N, H', W', K), in the dtype of the operands.
 
   Raises:
-    ValueError: if the shapes do not fit or `impl` is unknown.
+    ValueError: if the shapes do not fit, `impl` is unknown, or oneDNN is
+      asked for a convolution it does not take.
+    RuntimeError: if oneDNN is asked for and its handlers are not built.
 
   >>> y = conv2d(jnp.ones((1, 4, 4, 2)), jnp.ones((3, 3, 2, 5)),
   ...            padding=((1, 1), (1, 1)))
@@ -371,4 +433,6 @@ def conv2d(
                tuple((int(lo), int(hi)) for lo, hi in padding), int(groups))
   if min(spec.strides) < 1:
     raise ValueError(f"strides must be positive, got {spec.strides}.")
+  impl = resolve(impl, x, kernel, strides=spec.strides, padding=spec.padding,
+                 groups=spec.groups)
   return _conv(x, kernel, spec, impl)

@@ -109,7 +109,8 @@ class Conv(nnx.Module):
     groups: feature groups.
     kernel_init: initializer of the kernel.
     dtype: compute dtype (None: the promoted dtype of input and kernel).
-    impl: how `se_jax.conv.conv2d` computes it (``"auto"`` or ``"xla"``).
+    impl: how `se_jax.conv.conv2d` computes it (one of
+      `se_jax.conv.IMPLEMENTATIONS`).
     rngs: ``nnx.Rngs`` with a ``params`` stream.
   """
 

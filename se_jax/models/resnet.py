@@ -350,8 +350,8 @@ class ResNet(nnx.Module):
     in_channels: channels of the input images.
     dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32.
     conv_impl: how the convolutions are computed: ``"auto"`` (fast under a
-      plain ``jax.jit`` on every platform) or ``"xla"``, see
-      `se_jax.conv.conv2d`.
+      plain ``jax.jit`` on every platform), ``"onednn"``, ``"formulated"``
+      or ``"xla"``, see `se_jax.conv.conv2d`.
     materialize: see `ResidualUnit`.
     rngs: ``nnx.Rngs`` with a ``params`` stream.
 
