@@ -15,11 +15,15 @@ runs (`experiments.steps.make_train_step`) and of the README's functional
 path.
 Other configurations are chosen by explicit arguments: the model options
 ``conv_impl``, ``fold_norm`` and ``materialize``, and XLA's convolution option
-(`XLA_CONV_OPTION`). Sections:
+(`XLA_CONV_OPTION`). On CPUs where `se_jax.onednn` is built, se_jax's
+convolutions run on oneDNN's kernels by default, and the sections below
+also time se_jax's XLA formulation of them (``conv_impl="formulated"``).
+Sections:
 
 - ``inference``: ResNet-50 and SE-ResNet-50 at batch 1, 8 and 32 (224 x 224),
   against timm's resnet50 / seresnet50; on CPUs also SE-ResNet-50 under
-  `XLA_CONV_OPTION`, with se_jax's convolutions and with XLA's.
+  `XLA_CONV_OPTION`, with se_jax's convolutions and with XLA's, and with
+  se_jax's XLA formulation.
 - ``train``: one training step of the same networks at batch 8.
 - ``cifar``: the training step of CIFAR ResNet-20 / ResNet-110 with and
   without SE at batch 128, against the same networks written in PyTorch
@@ -30,15 +34,18 @@ Other configurations are chosen by explicit arguments: the model options
   (a reduction and a scaling of the same map), measured in the same run.
 - ``memory``: XLA's peak memory of a training step, SE against plain.
 - ``kernels``: the convolutions of the CIFAR ResNets alone (forward, input
-  gradient, kernel gradient): se_jax's `conv2d`, XLA's convolution in its
-  default pipeline and with `XLA_CONV_OPTION`, and PyTorch.
+  gradient, kernel gradient): se_jax's `conv2d` (and its XLA formulation),
+  XLA's convolution in its default pipeline and with `XLA_CONV_OPTION`, and
+  PyTorch.
 - ``inference_convs``: the convolutions of ResNet-50 alone in inference, at
   the inference batches: se_jax's `conv2d` without options against XLA's
   convolution with `XLA_CONV_OPTION` (the inference section's fastest other
-  configuration), and the strided 3x3 ones also as XLA's convolution
-  without options (on YNNPACK).
+  configuration), the strided 3x3 ones also as XLA's convolution without
+  options (on YNNPACK), and those wider than 1x1 also in se_jax's XLA
+  formulation.
 - ``tuning``: what se_jax's measures buy: the CIFAR SE-ResNet-20 step with
-  XLA's convolution option, with XLA's convolutions (``conv_impl="xla"``),
+  XLA's convolution option, with se_jax's XLA formulation of the
+  convolutions, with XLA's convolutions (``conv_impl="xla"``),
   with them and that option, and with the last BN apart from SE
   (``fold_norm=False``); the deepest CIFAR SE-ResNet's step with the last
   BN apart and with the units' outputs recomputed (``materialize=False``).
@@ -77,6 +84,7 @@ from flax import nnx
 import se_jax
 from experiments import cli, files, steps
 from experiments.provenance import markdown_header, provenance
+from se_jax import onednn
 from se_jax.conv import conv2d
 from se_jax.models import create
 
@@ -116,6 +124,12 @@ OPTION_VARIANT = "default + XLA conv option"
 # convolutions, and XLA's.
 INFERENCE_OPTION = "se_jax se_resnet50, se_jax conv + option"
 INFERENCE_XLA_OPTION = "se_jax se_resnet50, XLA conv + option"
+# The inference section's SE-ResNet-50 with se_jax's XLA formulation of the
+# convolutions (``conv_impl="formulated"``), where oneDNN's handlers run by
+# default.
+INFERENCE_FORMULATED = "se_jax se_resnet50, formulated conv"
+# The tuning section's name for the step with that formulation.
+FORMULATED_VARIANT = "conv_impl='formulated'"
 
 
 def onednn_ops(compiled) -> int:
@@ -521,6 +535,10 @@ def section_inference(cfg) -> dict:
         fns[label], compile_s[label], _ = jax_inference(
             "se_resnet50", batch, 224, cfg["dtype"], options=XLA_CONV_OPTION,
             conv_impl=impl)
+      if cfg.get("onednn"):
+        fns[INFERENCE_FORMULATED], compile_s[INFERENCE_FORMULATED], _ = (
+            jax_inference("se_resnet50", batch, 224, cfg["dtype"],
+                          conv_impl="formulated"))
     if cfg["torch"]:
       for timm_name, ours in (("resnet50", "resnet50"),
                               ("seresnet50", "se_resnet50")):
@@ -710,6 +728,8 @@ def section_kernels(cfg) -> dict:
     dy = jax.random.normal(k, (batch, ho, ho, cout), dtype)
     fns = {}
     impls = [("se_jax", "auto", None), ("XLA", "xla", None)]
+    if cfg.get("onednn"):
+      impls.insert(1, ("formulated", "formulated", None))
     if not cfg["gpu"]:
       impls.append(("XLA + option", "xla", XLA_CONV_OPTION))
     for label, impl, options in impls:
@@ -757,9 +777,17 @@ def section_kernels(cfg) -> dict:
     times = time_alternating(fns, cfg["repeats"])
     rows.append({"shape": [batch, h, h, cin, cout, stride], "count": count,
                  "times": times})
-  return {"rows": rows,
+  return {"rows": rows, "conv_route": _conv_route(cfg),
           "totals_s": {str(d): _conv_totals(rows, d)
                        for d in cfg["cifar_depths"]}}
+
+
+def _conv_route(cfg) -> str:
+  """How se_jax's `conv2d` computes a float32 3x3 convolution in this run:
+  ``"onednn"``, ``"formulated"`` or, off CPUs, ``"xla"``."""
+  if cfg["gpu"]:
+    return "xla"
+  return "onednn" if cfg.get("onednn") else "formulated"
 
 
 def section_tuning(cfg) -> dict:
@@ -768,6 +796,8 @@ def section_tuning(cfg) -> dict:
   variants = {
       "default": ({}, None),
       OPTION_VARIANT: ({}, XLA_CONV_OPTION),
+      **({FORMULATED_VARIANT: (dict(conv_impl="formulated"), None)}
+         if cfg.get("onednn") else {}),
       "conv_impl='xla'": (dict(conv_impl="xla"), None),
       "conv_impl='xla' + XLA conv option": (dict(conv_impl="xla"),
                                             XLA_CONV_OPTION),
@@ -949,6 +979,9 @@ def section_inference_convs(cfg) -> dict:
       if k == 3 and s > 1:
         progs[CONV_NO_OPTION] = _Compiled(
             functools.partial(conv, impl="xla"), x, w)
+      if cfg.get("onednn") and k > 1:
+        progs["formulated"] = _Compiled(
+            functools.partial(conv, impl="formulated"), x, w)
       times = time_alternating(
           {n: (lambda f=f: f(x, w).block_until_ready())
            for n, f in progs.items()}, cfg["repeats"])
@@ -957,7 +990,7 @@ def section_inference_convs(cfg) -> dict:
                    "ynnpack": "__ynn" in progs["se_jax"].compiled.as_text(),
                    "times": times})
     print(f"[inference_convs] batch {batch}", file=sys.stderr, flush=True)
-  return {"rows": rows}
+  return {"rows": rows, "conv_route": _conv_route(cfg)}
 
 
 def inference_conv_totals(rows: list[dict]) -> dict:
@@ -1005,6 +1038,8 @@ def _config(args) -> dict:
       "cifar_depths": (20, 110),
       "se_batch": 8 if not gpu else 128,
       "memory_batches": (8, 32) if not gpu else (128, 256),
+      # se_jax's convolutions on oneDNN's kernels (`se_jax.onednn`).
+      "onednn": not gpu and not bf16 and onednn.available(),
   }
   if args.quick:
     cfg.update(repeats=min(args.repeats, 3), inference_batches=(1,),
@@ -1175,25 +1210,31 @@ def evidence(results: dict) -> list[str]:
   k = results.get("kernels")
   if k and "PyTorch CL forward" in k["totals_s"].get("20", {}):
     tot = k["totals_s"]["20"]
+    route = k.get("conv_route", "formulated")
     ours = sum(v for n, v in tot.items() if n.startswith("se_jax"))
     xla = sum(v for n, v in tot.items() if n.startswith("XLA ")
               and not n.startswith("XLA + option"))
     pt = sum(v for n, v in tot.items() if n.startswith("PyTorch"))
+    form = sum(v for n, v in tot.items() if n.startswith("formulated"))
     parts = ", ".join(
         f"{what} {1e3 * tot['se_jax ' + what]:.0f} vs"
         f" {1e3 * tot['PyTorch CL ' + what]:.0f} ms"
         for what in ("forward", "input grad", "kernel grad"))
+    onednn_route = route == "onednn" and form
     lines.append(
         f"The convolutions of one ResNet-20 training step alone take"
-        f" {1e3 * ours:.0f} ms in se_jax ({1e3 * xla:.0f} ms with XLA's"
+        f" {1e3 * ours:.0f} ms in se_jax"
+        + (f" on oneDNN's kernels (`se_jax.onednn`; {1e3 * form:.0f} ms in"
+           " its XLA formulation, " if onednn_route else " (")
+        + f"{1e3 * xla:.0f} ms with XLA's"
         f" convolution in its default pipeline) and {1e3 * pt:.0f} ms in"
         f" PyTorch channels_last ({parts})"
-        + (f": the best convolution kernels XLA:CPU offers (Eigen's) run at"
-           f" {pt / ours:.2f}x the speed of PyTorch's oneDNN kernels, which"
-           " bounds the whole step." if pt < ours else
-           f": timed one by one, se_jax's convolutions take {ours / pt:.2f}x"
-           " PyTorch's time in this run, so they do not explain a step"
-           " slower than PyTorch's."))
+        + ((f": the best convolution kernels XLA:CPU offers (Eigen's) run at"
+            f" {pt / ours:.2f}x the speed of PyTorch's oneDNN kernels, which"
+            " bounds the whole step.") if pt < ours and route != "onednn"
+           else f": se_jax's take {ours / pt:.2f}x PyTorch's time"
+           + (" in this run, so they do not explain a step slower than"
+              " PyTorch's." if ours <= pt else ".")))
     if "XLA + option forward" in tot:
       opt = sum(v for n, v in tot.items() if n.startswith("XLA + option"))
       parts = ", ".join(
@@ -1218,7 +1259,8 @@ def evidence(results: dict) -> list[str]:
           f" convolutions measured alone account for {1e3 * conv:.0f} ms")
       line += (
           f"; the other {1e3 * (step - conv):.0f} ms are BatchNorm, ReLU, SE,"
-          " the layout changes of the kernel gradients and the update"
+          + (" and the update" if k.get("conv_route") == "onednn" else
+             " the layout changes of the kernel gradients and the update")
           if step > conv else ", more than the whole step")
       pt_name = f"PyTorch cifar_se_resnet{d} CL"
       if pt_name in row["times"] and "PyTorch CL forward" in tot:
@@ -1244,7 +1286,13 @@ def evidence(results: dict) -> list[str]:
   if tu:
     t = tu["times"]
     lines.append(
-        "se_jax's measures, each switched off in the same run: with XLA's"
+        "se_jax's measures, each switched off in the same run: "
+        + (f"with its convolutions in se_jax's XLA formulation"
+           f" (`{FORMULATED_VARIANT}`, what runs where oneDNN's handlers are"
+           " not built) the SE-ResNet-20 step takes"
+           f" {_ratio(t, FORMULATED_VARIANT, 'default'):.2f}x as long; "
+           if FORMULATED_VARIANT in t else "")
+        + "with XLA's"
         " convolutions (`conv_impl='xla'`, YNNPACK in XLA's default"
         f" pipeline) the SE-ResNet-20 step takes"
         f" {_ratio(t, 'conv_impl=' + repr('xla'), 'default'):.2f}x as long;"
@@ -1253,9 +1301,11 @@ def evidence(results: dict) -> list[str]:
         f" {_ratio(t, 'conv_impl=' + repr('xla') + ' + XLA conv option', 'default'):.2f}x;"
         " with the last BN kept apart from SE (`fold_norm=False`),"
         f" {_ratio(t, 'fold_norm=False', 'default'):.2f}x."
-        + (" se_jax's own formulation under that option (which moves to"
-           " Eigen the few convolutions YNNPACK still takes in it) takes"
-           f" {_ratio(t, OPTION_VARIANT, 'default'):.2f}x the"
+        + ((" se_jax's default step under that option takes"
+            if FORMULATED_VARIANT in t else
+            " se_jax's own formulation under that option (which moves to"
+            " Eigen the few convolutions YNNPACK still takes in it) takes")
+           + f" {_ratio(t, OPTION_VARIANT, 'default'):.2f}x the"
            " default step's time."
            if OPTION_VARIANT in t else ""))
     if tu.get("onednn_crash"):
@@ -1281,8 +1331,13 @@ def evidence(results: dict) -> list[str]:
               " the whole program (or, through `XLA_FLAGS`, of the whole"
               " process): they move every convolution and matrix product of"
               " it to oneDNN, the user's own included, which changes their"
-              " values, and no formulation under a plain `jax.jit` reaches"
-              " oneDNN, so se_jax's default path cannot take this route."))
+              " values"
+              + ("; se_jax's default path calls oneDNN's convolutions itself"
+                 " (`se_jax.onednn`), in a plain `jax.jit`, and leaves the"
+                 " rest of the program to XLA." if FORMULATED_VARIANT in t
+                 else ", and no formulation under a plain `jax.jit` reaches"
+                 " oneDNN, so se_jax's default path cannot take this"
+                 " route.")))
     fold = tu.get("fold")
     if fold:
       t, m = fold["times"], fold["peak_bytes"]
@@ -1330,9 +1385,8 @@ def evidence(results: dict) -> list[str]:
   return lines
 
 
-# The kinds of convolution that XLA hands to YNNPACK in se_jax's default path.
-_LEFT_TO_YNNPACK = ("7x7 stem",)
-# How se_jax's default path runs each kind of convolution on CPUs.
+# How se_jax's default path runs each kind of convolution on CPUs, with its
+# XLA formulation (where oneDNN's handlers are not built).
 _CONV_ROUTE = {
     "3x3, stride 1": "one output row more than the input has, so that"
                      " Eigen runs them",
@@ -1342,6 +1396,12 @@ _CONV_ROUTE = {
     "1x1": "1-D convolutions over the pixels, which YNNPACK leaves and XLA"
            " computes as its own matrix products",
 }
+
+
+def _route(kind: str, conv_route: str) -> str | None:
+  if conv_route == "onednn" and kind != "1x1":
+    return "oneDNN's kernels"
+  return _CONV_ROUTE.get(kind)
 
 
 def _saving(seconds: float) -> str:
@@ -1364,6 +1424,10 @@ def _inference_conv_evidence(results: dict) -> list[str]:
     return []
   whole = {r["batch"]: r["times"]
            for r in results.get("inference", {}).get("rows", [])}
+  conv_route = results["inference_convs"].get("conv_route", "formulated")
+  # The kinds of convolution that XLA hands to YNNPACK in se_jax's default
+  # path.
+  left = sorted({r["kind"] for r in rows if r["ynnpack"]})
   lines = []
   for batch, kinds in inference_conv_totals(rows).items():
     tot = kinds.pop("all")
@@ -1371,11 +1435,14 @@ def _inference_conv_evidence(results: dict) -> list[str]:
     parts = []
     for kind, t in sorted(kinds.items(), key=lambda kv: kv[1]["XLA + option"]
                           - kv[1]["se_jax"]):
-      route = _CONV_ROUTE.get(kind)
+      route = _route(kind, conv_route)
       plain = t.get(CONV_NO_OPTION)
+      form = t.get("formulated")
       parts.append(
           f"{kind}{f' ({route})' if route else ''}"
           f" {1e3 * t['se_jax']:.0f} vs {1e3 * t['XLA + option']:.0f} ms"
+          + (f", se_jax's XLA formulation {1e3 * form:.0f} ms" if form
+             else "")
           + (f", XLA's convolution without options (YNNPACK)"
              f" {1e3 * plain:.0f} ms" if plain else ""))
     line = (
@@ -1391,16 +1458,24 @@ def _inference_conv_evidence(results: dict) -> list[str]:
       if INFERENCE_OPTION in t:
         saved = t[a]["median_s"] - t[INFERENCE_OPTION]["median_s"]
         alone = sum(v["se_jax"] - v["XLA + option"]
-                    for kind, v in kinds.items() if kind in _LEFT_TO_YNNPACK)
+                    for kind, v in kinds.items() if kind in left)
         line += (
             f", and under the option se_jax's own convolutions take"
             f" {_with_interval(paired_ratio(t, INFERENCE_OPTION, a))} of the"
-            f" default's time (XLA's {_with_interval(paired_ratio(t, b, a))}):"
-            " the option moves to Eigen the"
-            " convolutions that XLA hands to YNNPACK in se_jax's"
-            f" formulation ({', '.join(_LEFT_TO_YNNPACK)}); moving them"
-            f" {_saving(saved)} of the whole pass and {_saving(alone)} of"
-            " those convolutions timed alone")
+            f" default's time (XLA's {_with_interval(paired_ratio(t, b, a))})")
+        if left:
+          line += (
+              ": the option moves to Eigen the"
+              " convolutions that XLA hands to YNNPACK in se_jax's"
+              f" default path ({', '.join(left)}); moving them"
+              f" {_saving(saved)} of the whole pass and {_saving(alone)} of"
+              " those convolutions timed alone")
+      if INFERENCE_FORMULATED in t:
+        line += (
+            "; with se_jax's XLA formulation of the convolutions"
+            f" (`{FORMULATED_VARIANT}`) the whole pass takes"
+            f" {_with_interval(paired_ratio(t, INFERENCE_FORMULATED, a))}"
+            " of the default's time")
     lines.append(line + ". By kind, default vs option: " + "; ".join(parts)
                  + ".")
   return lines
@@ -1456,11 +1531,9 @@ def _inference_evidence(results: dict) -> list[str]:
         "Against timm in channels_last, se_jax / timm inference speed"
         " without SE and with SE, by batch: "
         + "; ".join(f"{b}: {p:.2f} and {s:.2f}" for b, p, s in cl) + "."
-        + (" The SE networks compare at least as well as the plain ones, so"
-           " the gap lies in the network both share: its convolutions,"
-           " which timm runs with oneDNN's channels_last kernels and se_jax"
-           " with XLA's Eigen kernels (the convolution table shows the same"
-           " gap in training)." if all(s >= p for _, p, s in cl) else ""))
+        + (" The SE networks compare at least as well as the plain ones:"
+           " whatever gap there is lies in the network both share, not in"
+           " SE." if all(s >= p for _, p, s in cl) else ""))
   return lines
 
 
@@ -1503,6 +1576,9 @@ def to_markdown(results: dict, checks: list[dict], prov: dict,
       " programs are plain `jax.jit`s with no compiler option unless a row"
       " says otherwise."
       + (" bfloat16 compute." if cfg["bf16"] else " float32.")
+      + (" se_jax's convolutions wider than 1x1 run on oneDNN's kernels"
+         " (`se_jax.onednn`), its 1x1 ones on XLA's matrix product."
+         if cfg.get("onednn") else "")
       + " `CL`: PyTorch in channels_last.\n")
   out.append("## Targets\n")
   out.append(
@@ -1602,8 +1678,11 @@ def to_markdown(results: dict, checks: list[dict], prov: dict,
   if "kernels" in results:
     k = results["kernels"]
     out.append("## The convolutions of the CIFAR ResNets alone\n")
-    out.append("`se_jax`: `se_jax.conv.conv2d` as the models use it; `XLA`:"
-               " XLA's convolution in its default pipeline"
+    out.append("`se_jax`: `se_jax.conv.conv2d` as the models use it"
+               + (" (oneDNN's kernels, `se_jax.onednn`); `formulated`: its"
+                  " XLA formulation (`impl='formulated'`)"
+                  if k.get("conv_route") == "onednn" else "")
+               + "; `XLA`: XLA's convolution in its default pipeline"
                " (`conv_impl='xla'`).\n")
     names = list(k["rows"][0]["times"])
     out.append("| N, H, W, C_in, C_out, stride | x in ResNet-20 | " + " | ".join(
@@ -1634,19 +1713,24 @@ def to_markdown(results: dict, checks: list[dict], prov: dict,
         " option that keeps it off YNNPACK (the convolutions of the"
         f" inference section's `XLA conv + option` row); `{CONV_NO_OPTION}`:"
         " XLA's convolution in its default pipeline, which hands it to"
-        " YNNPACK (measured for the strided 3x3 ones, which se_jax computes"
-        " from their input's phases). Totals count each shape as often as"
-        " ResNet-50 has it.\n")
+        " YNNPACK (measured for the strided 3x3 ones, which se_jax's"
+        " formulation computes from their input's phases)"
+        + ("; `formulated`: se_jax's XLA formulation (`impl='formulated'`),"
+           " measured where the default runs oneDNN's kernels"
+           if "formulated" in names else "")
+        + ". Totals count each shape as often as ResNet-50 has it.\n")
     out.append("| batch | kind | se_jax ms | XLA + option ms | se_jax /"
-               f" option | {CONV_NO_OPTION} ms |\n|---|---|---|---|---|---|")
+               f" option | {CONV_NO_OPTION} ms | formulated ms |\n"
+               "|---|---|---|---|---|---|---|")
     for batch, kinds in totals.items():
       for kind, tot in sorted(kinds.items(), key=lambda kv: kv[0] == "all"):
-        phases = tot.get(CONV_NO_OPTION)
+        phases, form = tot.get(CONV_NO_OPTION), tot.get("formulated")
         out.append(
             f"| {batch} | {kind} | {1e3 * tot['se_jax']:.1f} |"
             f" {1e3 * tot['XLA + option']:.1f} |"
             f" {tot['se_jax'] / tot['XLA + option']:.2f} |"
-            f" {'-' if phases is None else f'{1e3 * phases:.1f}'} |")
+            f" {'-' if phases is None else f'{1e3 * phases:.1f}'} |"
+            f" {'-' if form is None else f'{1e3 * form:.1f}'} |")
     out.append("")
     out.append("| batch | H, C_in, C_out, kernel, stride | x in ResNet-50 |"
                " YNNPACK in se_jax's program | " + " | ".join(

@@ -565,7 +565,7 @@ def test_inference_conv_totals_and_evidence():
        "kind": "3x3, stride 1", "ynnpack": False,
        "times": {"se_jax": _t(2), "XLA + option": _t(1)}},
       {"batch": 8, "shape": [14, 8, 8, 3, 2], "count": 1,
-       "kind": "3x3, stride 2", "ynnpack": True,
+       "kind": "3x3, stride 2", "ynnpack": False,
        "times": {"se_jax": _t(4), "XLA + option": _t(3),
                  benchmark.CONV_NO_OPTION: _t(3.5)}},
       {"batch": 8, "shape": [56, 3, 8, 7, 2], "count": 1,
@@ -602,7 +602,7 @@ def test_inference_conv_totals_and_evidence():
   assert line.index("3x3, stride 1 (one output row") < line.index(
       "3x3, stride 2 (stride-1 convolutions of the input's phases")
   assert "XLA's convolution without options (YNNPACK) 4 ms" in line
-  assert "in se_jax's formulation (7x7 stem)" in line
+  assert "in se_jax's default path (7x7 stem)" in line
 
 
 def test_inference_convs_section_runs_and_reports(tmp_path, monkeypatch):
@@ -619,3 +619,63 @@ def test_inference_convs_section_runs_and_reports(tmp_path, monkeypatch):
   assert "| 1 | all |" in text
   saved = json.loads((tmp_path / "benchmark.json").read_text())
   assert any(e.startswith("Inference at batch 1:") for e in saved["evidence"])
+
+
+def test_evidence_of_a_run_on_onednns_kernels():
+  results = {
+      "kernels": {"conv_route": "onednn", "totals_s": {"20": {
+          "se_jax forward": 0.05, "se_jax input grad": 0.05,
+          "se_jax kernel grad": 0.05, "formulated forward": 0.1,
+          "formulated input grad": 0.1, "formulated kernel grad": 0.2,
+          "XLA forward": 0.2, "XLA input grad": 0.1, "XLA kernel grad": 0.5,
+          "PyTorch CL forward": 0.1, "PyTorch CL input grad": 0.1,
+          "PyTorch CL kernel grad": 0.1}}},
+      "cifar": {"rows": [{"depth": 20, "times": {
+          "se_jax cifar_se_resnet20": _t(250)}}]},
+      "tuning": {"times": {"default": _t(250),
+                           benchmark.FORMULATED_VARIANT: _t(500),
+                           benchmark.OPTION_VARIANT: _t(245),
+                           "conv_impl='xla'": _t(800),
+                           "conv_impl='xla' + XLA conv option": _t(450),
+                           "fold_norm=False": _t(300),
+                           benchmark.ONEDNN_VARIANT: _t(400)},
+                 "onednn_ops": 12},
+  }
+  text = " ".join(benchmark.evidence(results))
+  assert ("150 ms in se_jax on oneDNN's kernels (`se_jax.onednn`; 400 ms in"
+          " its XLA formulation, 800 ms with XLA's convolution") in text
+  assert "se_jax's take 0.50x PyTorch's time in this run" in text
+  assert "bounds the whole step" not in text
+  assert "are BatchNorm, ReLU, SE, and the update" in text
+  assert ("(`conv_impl='formulated'`, what runs where oneDNN's handlers are"
+          " not built) the SE-ResNet-20 step takes 2.00x as long") in text
+  assert "se_jax's default step under that option takes 0.98x" in text
+  assert "se_jax's default path calls oneDNN's convolutions itself" in text
+  assert "no formulation under a plain `jax.jit` reaches" not in text
+  # ResNet-50 in inference: the formulation's totals by kind beside the
+  # default's, and the whole pass with it.
+  rows = [
+      {"batch": 8, "shape": [14, 8, 8, 3, 1], "count": 2,
+       "kind": "3x3, stride 1", "ynnpack": False,
+       "times": {"se_jax": _t(2), "XLA + option": _t(3),
+                 "formulated": _t(4)}},
+      {"batch": 8, "shape": [14, 8, 16, 1, 1], "count": 1,
+       "kind": "1x1", "ynnpack": False,
+       "times": {"se_jax": _t(1), "XLA + option": _t(1)}}]
+  results = {"inference_convs": {"rows": rows, "conv_route": "onednn"},
+             "inference": {"rows": [{"batch": 8, "times": {
+                 "se_jax se_resnet50": _t(30),
+                 benchmark.INFERENCE_XLA_OPTION: _t(33),
+                 benchmark.INFERENCE_OPTION: _t(30),
+                 benchmark.INFERENCE_FORMULATED: _t(36)}}]}}
+  (line,) = benchmark._inference_conv_evidence(results)
+  assert ("3x3, stride 1 (oneDNN's kernels) 4 vs 6 ms, se_jax's XLA"
+          " formulation 8 ms") in line
+  assert "1x1 (1-D convolutions over the pixels" in line
+  assert "the option moves" not in line
+  assert ("with se_jax's XLA formulation of the convolutions"
+          " (`conv_impl='formulated'`) the whole pass takes 1.200 of the"
+          " default's time") in line
+  table = benchmark.inference_conv_totals(rows)["8"]
+  assert table["3x3, stride 1"]["formulated"] == pytest.approx(0.008)
+  assert "formulated" not in table["all"]
