@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from se_jax import onednn
+
 __all__ = ["count_flops", "count_params", "macs_of_jaxpr"]
 
 
@@ -54,6 +56,23 @@ def _conv_macs(eqn, count_padding: bool) -> int:
           * taps)
 
 
+def _onednn_macs(eqn, count_padding: bool) -> int:
+  """Multiply-adds of a `se_jax.onednn` convolution (or of either of its
+  gradients, which take as many)."""
+  a, b = (v.aval.shape for v in eqn.invars)
+  out = eqn.outvars[0].aval.shape
+  x, k, y = {"forward": (a, b, out), "input_grad": (out, b, a),
+             "kernel_grad": (a, out, b)}[eqn.params["kind"]]
+  kh, kw, cin, _ = k
+  if count_padding:
+    return int(np.prod(y)) * cin * kh * kw
+  top, left = eqn.params["padding"][:2]
+  sh, sw = eqn.params["strides"]
+  taps = (_taps_inside(x[1], y[1], kh, sh, top, 1)
+          * _taps_inside(x[2], y[2], kw, sw, left, 1))
+  return y[0] * y[3] * cin * taps
+
+
 def _dot_macs(eqn) -> int:
   lhs = eqn.invars[0].aval
   out = eqn.outvars[0].aval
@@ -83,6 +102,8 @@ def macs_of_jaxpr(jaxpr, *, count_padding: bool = True) -> int:
       total += _conv_macs(eqn, count_padding)
     elif name == "dot_general":
       total += _dot_macs(eqn)
+    elif name == onednn.PRIMITIVE_NAME:
+      total += _onednn_macs(eqn, count_padding)
     subs = [macs_of_jaxpr(sub, count_padding=count_padding)
             for sub in jax.extend.core.jaxprs_in_params(eqn.params)]
     if name == "cond":

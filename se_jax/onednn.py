@@ -97,7 +97,9 @@ def available() -> bool:
 
 # ------------------------------------------------------------ the primitive
 
-_conv_p = Primitive("se_jax_onednn_conv")
+# The primitive's name, which `se_jax.costs` counts multiply-adds of.
+PRIMITIVE_NAME = "se_jax_onednn_conv"
+_conv_p = Primitive(PRIMITIVE_NAME)
 
 
 def _bind(kind, a, b, *, strides, padding, shape):

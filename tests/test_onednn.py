@@ -9,6 +9,7 @@ from jax import lax
 
 from se_jax import conv as conv_lib
 from se_jax import onednn
+from se_jax.costs import macs_of_jaxpr
 from se_jax.models import create
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu",
@@ -171,3 +172,16 @@ def test_training_step_matches_the_formulation():
   np.testing.assert_allclose(l1, l2, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
     _close(a, b, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_multiply_adds_are_counted_as_for_lax(case):
+  x, k, ours, ref = _case(*case)
+  for padding in (True, False):
+    assert macs_of_jaxpr(jax.make_jaxpr(ours)(x, k),
+                         count_padding=padding) == macs_of_jaxpr(
+                             jax.make_jaxpr(ref)(x, k), count_padding=padding)
+  # The input and the kernel gradient take as many as the forward pass.
+  grad = jax.grad(lambda x, k: jnp.sum(ours(x, k)), (0, 1))
+  assert macs_of_jaxpr(jax.make_jaxpr(grad)(x, k)) == 3 * macs_of_jaxpr(
+      jax.make_jaxpr(ref)(x, k))
