@@ -108,7 +108,13 @@ def _bind(kind, a, b, *, strides, padding, shape):
 
 
 def _abstract(a, b, *, kind, strides, padding, shape):
-  return jax.core.ShapedArray(shape, a.dtype)
+  # Under explicit sharding the output is split over the batch like the
+  # images (the forward pass and the input gradient) or whole (the kernel
+  # gradient).
+  lead = None if kind == "kernel_grad" else a.sharding.spec[0]
+  sharding = a.sharding.update(
+      spec=jax.sharding.PartitionSpec(lead, *(None,) * (len(shape) - 1)))
+  return a.update(shape=tuple(shape), sharding=sharding, weak_type=False)
 
 
 _conv_p.def_abstract_eval(_abstract)

@@ -691,3 +691,16 @@ def test_evidence_of_a_run_on_onednns_kernels():
   table = benchmark.inference_conv_totals(rows)["8"]
   assert table["3x3, stride 1"]["formulated"] == pytest.approx(0.008)
   assert "formulated" not in table["all"]
+
+
+def test_report_only_counts_the_flops_again():
+  right = benchmark.training_flops("cifar_resnet20", 2, 32, 10)
+  # 6 per multiply-add: ResNet-20 has 40.6M multiply-adds on a 32x32 image.
+  assert right / 6 / 2 == pytest.approx(40.6e6, rel=0.01)
+  results = {"cifar": {"rows": [{"batch": 2,
+                                 "flops": {"cifar_resnet20": right / 5}}]}}
+  assert benchmark.recount_flops(results, "abc")
+  assert results["cifar"]["rows"][0]["flops"]["cifar_resnet20"] == right
+  assert results["flops_recounted_at"] == "abc"
+  assert not benchmark.recount_flops(results, "def")
+  assert results["flops_recounted_at"] == "abc"
