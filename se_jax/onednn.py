@@ -1,9 +1,10 @@
 """2-D convolutions on oneDNN's CPU kernels, called from XLA (``jax.ffi``).
 
-XLA:CPU runs convolutions on YNNPACK or Eigen; oneDNN's kernels (the ones
-PyTorch uses on CPUs) were 1.5-4.5x faster than the best of those for the
-CIFAR ResNets' convolutions, in the forward pass and both gradients
-(``python -m experiments.benchmark``, section ``kernels``). `conv2d` here is
+XLA:CPU runs convolutions on YNNPACK or Eigen. oneDNN's kernels (the ones
+PyTorch uses on CPUs) took half the time of the fastest of those for the
+convolutions of a CIFAR ResNet-20 training step (1.0-4.0x faster by shape
+and part, in the forward pass and both gradients; ``python -m
+experiments.benchmark``, section ``kernels``). `conv2d` here is
 a float32 cross-correlation of NHWC images with an HWIO kernel that runs
 each of its three parts (forward pass, input gradient, kernel gradient) as
 one custom call into oneDNN, inside any ``jax.jit`` and with no compiler
