@@ -322,8 +322,8 @@ def resolve(impl: str, x, kernel, *, strides: Sequence[int] = (1, 1),
   ``"xla"``. ``"auto"`` is oneDNN where its handlers are built and take the
   convolution (float32, no feature groups) and the kernel is wider than
   1x1, the formulation otherwise: for ResNet-50's 1x1 convolutions XLA's
-  own matrix product was as fast as oneDNN's convolution alone (0.87-1.17x
-  by shape) and faster inside the network, where oneDNN reorders the kernel
+  own matrix product was about as fast as oneDNN's convolution alone, shape
+  by shape, and faster inside the network, where oneDNN reorders the kernel
   on every call.
 
   Raises:
