@@ -91,10 +91,6 @@ def _xla(x, kernel, spec: _Spec):
       dimension_numbers=_DIMENSIONS, feature_group_count=spec.groups)
 
 
-def _out_size(n: int, k: int, s: int, pad: tuple[int, int]) -> int:
-  return (n + pad[0] + pad[1] - k) // s + 1
-
-
 def _pointwise(kernel, spec: _Spec) -> bool:
   return (kernel.shape[:2] == (1, 1) and spec.groups == 1
           and spec.padding == ((0, 0), (0, 0)))
@@ -127,7 +123,7 @@ def _library_conv(x, kernel, spec: _Spec) -> bool:
   below can hand it to Eigen instead."""
   cin, cout = kernel.shape[2] * spec.groups, kernel.shape[3]
   height = x.shape[1]
-  out = _out_size(height, kernel.shape[0], 1, spec.padding[0])
+  out = onednn.out_size(height, kernel.shape[0], 1, spec.padding[0])
   return (spec.strides == (1, 1) and spec.groups == 1
           and max(cin, cout) > _NARROW and out <= height)
 
@@ -137,7 +133,7 @@ def _phases(n: int, k: int, stride: int, pad: tuple[int, int]):
   input's rows whose index is r modulo `stride`): the rows it takes, the
   kernel taps that meet them, and its padding as a stride-1 convolution."""
   lo, hi = pad
-  out = _out_size(n, k, stride, pad)
+  out = onednn.out_size(n, k, stride, pad)
   taps: dict[int, list[int]] = {}
   for t in range(k):
     taps.setdefault((t - lo) % stride, []).append(t)
@@ -180,7 +176,7 @@ def _by_phases_faster(x, kernel, spec: _Spec) -> bool:
   return (spec.strides != (1, 1) and spec.groups == 1
           and kernel.shape[2] >= _PHASES_MIN_FEATURES
           and max(kernel.shape[:2]) > 1
-          and all(n >= max(k, s) and 0 < _out_size(n, k, s, p) <= n
+          and all(n >= max(k, s) and 0 < onednn.out_size(n, k, s, p) <= n
                   for n, k, s, p in dims))
 
 
@@ -193,7 +189,7 @@ def _cpu_forward(x, kernel, spec: _Spec):
     return _xla(x, kernel, spec)
   # One output row more than the input has rows; the extra row is dropped.
   (top, bottom), cols = spec.padding
-  out = _out_size(x.shape[1], kernel.shape[0], 1, (top, bottom))
+  out = onednn.out_size(x.shape[1], kernel.shape[0], 1, (top, bottom))
   taller = spec._replace(padding=((top, bottom + x.shape[1] + 1 - out), cols))
   return _xla(x, kernel, taller)[:, :out]
 

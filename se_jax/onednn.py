@@ -194,11 +194,16 @@ def _batch(args, dims, **params):
 batching.primitive_batchers[_conv_p] = _batch
 
 
+def out_size(n: int, k: int, s: int, pad: tuple[int, int]) -> int:
+  """Output length of a convolution along one axis: input length `n`,
+  window `k`, stride `s`, padding ``(lo, hi)``."""
+  return (n + pad[0] + pad[1] - k) // s + 1
+
+
 def _padding_hi(n: int, k: int, s: int, lo: int, hi: int) -> int:
   """The high padding that the output actually reads (oneDNN wants it
   exact): the rows past the last window are left out."""
-  out = (n + lo + hi - k) // s + 1
-  return (out - 1) * s + k - n - lo
+  return (out_size(n, k, s, (lo, hi)) - 1) * s + k - n - lo
 
 
 def supports(x, kernel, strides: Sequence[int],
@@ -245,7 +250,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, *,
   (top, bottom), (left, right) = padding
   bottom = _padding_hi(x.shape[1], kernel.shape[0], strides[0], top, bottom)
   right = _padding_hi(x.shape[2], kernel.shape[1], strides[1], left, right)
-  out = tuple((n + lo + hi - k) // s + 1 for n, k, s, (lo, hi) in zip(
+  out = tuple(out_size(n, k, s, p) for n, k, s, p in zip(
       x.shape[1:3], kernel.shape[:2], strides, padding))
   shape = (x.shape[0], *out, kernel.shape[3])
   return _bind("forward", x, kernel, strides=strides,
