@@ -90,8 +90,10 @@ from se_jax.models import create
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
-SECTIONS = ("inference", "train", "cifar", "se_block", "memory", "kernels",
-            "inference_convs", "tuning", "allocator")
+SECTIONS = ("inference", "train", "cifar", "overhead", "se_block", "memory",
+            "kernels", "inference_convs", "tuning", "allocator")
+# How many more repeats the overhead section makes than the others.
+OVERHEAD_REPEATS_FACTOR = 3
 
 # XLA:CPU's option that keeps convolutions off YNNPACK (jaxlib 0.10): what a
 # user would have to pass to make XLA's own convolutions fast. Measured as
@@ -605,6 +607,50 @@ def section_cifar(cfg) -> dict:
   return {"rows": rows, "matmul_flops_per_s": rate}
 
 
+def overhead_cases(cfg) -> list[tuple[str, str, str, int, int, int]]:
+  """(kind, plain, SE, batch, image size, classes) of each SE / plain
+  pair whose time ratio is a target: ResNet-50 inference and training, and
+  the CIFAR ResNets' training steps."""
+  cases = [("inference", "resnet50", "se_resnet50", b, 224, 1000)
+           for b in cfg["inference_batches"]]
+  cases.append(("train", "resnet50", "se_resnet50", cfg["train_batch"], 224,
+                1000))
+  cases += [("train", f"cifar_resnet{d}", f"cifar_se_resnet{d}",
+             cfg["cifar_batch"], 32, 10) for d in cfg["cifar_depths"]]
+  return cases
+
+
+def section_overhead(cfg) -> dict:
+  """SE's own cost: each SE network's program against its plain twin's,
+  the two alone, their calls alternating, `cfg["overhead_repeats"]` times.
+  Their ratio lies near 1, where the other sections, whose rounds run
+  four to eight programs, cannot tell the targets' few percent from the
+  machine's noise: the two calls of a repeat here run back to back, after
+  one of the same two programs, and the repeats are more."""
+  rows = []
+  for kind, plain, se, batch, size, classes in overhead_cases(cfg):
+    fns = {}
+    for name in (plain, se):
+      if kind == "inference":
+        fns[f"se_jax {name}"] = jax_inference(name, batch, size,
+                                              cfg["dtype"])[0]
+      else:
+        fns[f"se_jax {name}"] = jax_train_step(name, batch, size, classes,
+                                               cfg["dtype"])[0]
+    print(f"[overhead] {kind} {se} / {plain} at batch {batch}",
+          file=sys.stderr, flush=True)
+    rows.append({"kind": kind, "plain": plain, "se": se, "batch": batch,
+                 "times": time_alternating(fns, cfg["overhead_repeats"])})
+  return {"rows": rows, "repeats": cfg["overhead_repeats"]}
+
+
+def overhead_where(kind: str, plain: str, batch: int) -> str:
+  """The `where` of an SE-overhead check, as the sections name it."""
+  if plain.startswith("cifar_resnet"):
+    return f"CIFAR ResNet-{plain[len('cifar_resnet'):]}, batch {batch}"
+  return f"ResNet-50, batch {batch}"
+
+
 def section_se_block(cfg) -> dict:
   """The SE block alone, against the passes over memory it must make."""
   rows = []
@@ -1029,6 +1075,8 @@ def _config(args) -> dict:
       "torch": torch_ok, "gpu": gpu, "bf16": bf16,
       "dtype": jnp.bfloat16 if bf16 else None,
       "repeats": args.repeats,
+      "overhead_repeats": args.overhead_repeats or (
+          OVERHEAD_REPEATS_FACTOR * args.repeats),
       # timm's default memory format, and channels_last (the faster one on
       # GPUs, and often on CPUs).
       "torch_layouts": (True,) if gpu else (False, True),
@@ -1042,7 +1090,9 @@ def _config(args) -> dict:
       "onednn": not gpu and not bf16 and onednn.available(),
   }
   if args.quick:
-    cfg.update(repeats=min(args.repeats, 3), inference_batches=(1,),
+    cfg.update(repeats=min(args.repeats, 3),
+               overhead_repeats=min(cfg["overhead_repeats"], 3),
+               inference_batches=(1,),
                train_batch=2, cifar_depths=(20,), cifar_batch=32,
                se_batch=2, memory_batches=())
   return cfg
@@ -1090,6 +1140,10 @@ def check_targets(results: dict, cfg: dict) -> list[dict]:
     check["verdict"] = verdict(check)
     checks.append(check)
 
+  # SE / plain from the overhead section where the run has it.
+  overheads = results.get("overhead", {}).get("rows", [])
+  dedicated = bool(overheads)
+
   for row in results.get("inference", {}).get("rows", []):
     t, b = row["times"], row["batch"]
     se = "se_jax se_resnet50"
@@ -1097,16 +1151,22 @@ def check_targets(results: dict, cfg: dict) -> list[dict]:
     if best:
       add("default_within_fastest_inference", paired_ratio(t, se, best),
           f"SE-ResNet-50, batch {b}, against {best[len('se_jax '):]}")
-    add("se_overhead_inference", paired_ratio(t, se, "se_jax resnet50"),
-        f"ResNet-50, batch {b}")
+    if not dedicated:
+      add("se_overhead_inference", paired_ratio(t, se, "se_jax resnet50"),
+          f"ResNet-50, batch {b}")
     if "timm se_resnet50 CL" in t:
       add("speed_vs_timm_inference",
           paired_ratio(t, "timm se_resnet50 CL", se), f"batch {b}")
-  if "train" in results:
+  if "train" in results and not dedicated:
     t = results["train"]["times"]
     add("se_overhead_train",
         paired_ratio(t, "se_jax se_resnet50", "se_jax resnet50"),
         f"ResNet-50, batch {results['train']['batch']}")
+  for row in overheads:
+    add(f"se_overhead_{row['kind']}",
+        paired_ratio(row["times"], f"se_jax {row['se']}",
+                     f"se_jax {row['plain']}"),
+        overhead_where(row["kind"], row["plain"], row["batch"]))
   rate = results.get("cifar", {}).get("matmul_flops_per_s")
   for row in results.get("cifar", {}).get("rows", []):
     t, d, b = row["times"], row["depth"], row["batch"]
@@ -1127,8 +1187,10 @@ def check_targets(results: dict, cfg: dict) -> list[dict]:
           + ("README path" if k.endswith("README path") else "trainer step")
           + " against " + ("trainer step" if best == se
                            else best[len(se) + 2:]))
-    add("se_overhead_train", paired_ratio(t, se, f"se_jax cifar_resnet{d}"),
-        f"CIFAR ResNet-{d}, batch {b}")
+    if not dedicated:
+      add("se_overhead_train",
+          paired_ratio(t, se, f"se_jax cifar_resnet{d}"),
+          f"CIFAR ResNet-{d}, batch {b}")
     key = f"PyTorch cifar_se_resnet{d} CL"
     if key in t:
       add("speed_vs_torch_cifar", paired_ratio(t, key, se),
@@ -1563,6 +1625,30 @@ def _torch_se_overheads(results: dict) -> list[str]:
   return out
 
 
+def _overhead_table(overhead: dict) -> list[str]:
+  out = ["\n## SE / plain, the two programs alone\n",
+         "Each SE network's program and its plain twin's, only the two"
+         " alternating, in"
+         f" {overhead['repeats']} repeats: the SE-overhead targets are"
+         " checked from these ratios. Fastest calls: the ratio of the two"
+         " programs' fastest calls, the least moved by the machine's slow"
+         " spells (no interval).\n",
+         "| program | batch | plain ms | SE ms | SE / plain | interval |"
+         " fastest calls |\n|---|---|---|---|---|---|---|"]
+  for r in overhead["rows"]:
+    t = r["times"]
+    se, plain = t[f"se_jax {r['se']}"], t[f"se_jax {r['plain']}"]
+    ratio = paired_ratio(t, f"se_jax {r['se']}", f"se_jax {r['plain']}")
+    iv = ratio["interval"]
+    out.append(
+        f"| {r['se']} {r['kind']} | {r['batch']} | {_ms(plain)} |"
+        f" {_ms(se)} | {ratio['value']:.3f} |"
+        + (f" {iv[0]:.3f}-{iv[1]:.3f} |" if iv else " - |")
+        + f" {se['min_s'] / plain['min_s']:.3f} |")
+  out.append("")
+  return out
+
+
 def to_markdown(results: dict, checks: list[dict], prov: dict,
                 cfg: dict, written_by: str | None = None) -> str:
   cont = prov.get("continued")
@@ -1575,7 +1661,10 @@ def to_markdown(results: dict, checks: list[dict], prov: dict,
   out.append(
       f"PyTorch {prov['versions'].get('torch', 'absent')}, timm"
       f" {prov['versions'].get('timm', 'absent')}. Medians of"
-      f" {cfg['repeats']} timed calls per program, the programs' calls"
+      f" {cfg['repeats']} timed calls per program"
+      + (f" ({cfg['overhead_repeats']} in the SE / plain section)"
+         if "overhead" in results else "")
+      + ", the programs' calls"
       " alternating, after warm-up; compilation timed apart. se_jax's"
       " programs are plain `jax.jit`s with no compiler option unless a row"
       " says otherwise."
@@ -1643,6 +1732,8 @@ def to_markdown(results: dict, checks: list[dict], prov: dict,
       out.extend(_times_table(row["times"], row["batch"],
                               f"se_jax cifar_se_resnet{d}", row["flops"]))
       out.append("")
+  if results.get("overhead", {}).get("rows"):
+    out.extend(_overhead_table(results["overhead"]))
   if "se_block" in results:
     out.append("## The SE block alone\n")
     out.append(
@@ -1887,6 +1978,9 @@ def main(argv=None) -> dict:
   p.add_argument("--sections", default=",".join(SECTIONS),
                  help=f"comma-separated, from {', '.join(SECTIONS)}")
   p.add_argument("--repeats", type=cli.at_least(1), default=9)
+  p.add_argument("--overhead-repeats", type=cli.at_least(1), default=None,
+                 help="repeats of the overhead section's SE / plain pairs"
+                      f" (default {OVERHEAD_REPEATS_FACTOR} x --repeats)")
   p.add_argument("--quick", action="store_true",
                  help="a smoke run: small batches, 3 repeats, ResNet-20 only")
   p.add_argument("--no-torch", action="store_true",

@@ -171,6 +171,92 @@ def test_targets_are_checked_from_the_measured_ratios():
   assert "2048 x 2048 float32 product in XLA in the same run: 100.0" in md
 
 
+def _calls(ms_list):
+  return {"median_s": float(np.median(ms_list)) / 1e3,
+          "min_s": min(ms_list) / 1e3, "max_s": max(ms_list) / 1e3,
+          "n": len(ms_list), "times_s": [m / 1e3 for m in ms_list]}
+
+
+def test_se_overhead_is_checked_from_the_overhead_section():
+  # The cifar section's round says SE / plain 1.1; the two programs alone,
+  # in more repeats, say 1.01 with an interval below the limit.
+  se = [101 + (i % 3) for i in range(12)]
+  plain = [100] * 12
+  results = {
+      "inference": {"rows": [{"batch": 1, "times": {
+          "se_jax resnet50": _t(100), "se_jax se_resnet50": _t(120)},
+          "compile_s": {}}]},
+      "cifar": {"rows": [{
+          "depth": 20, "batch": 128, "times": {
+              "se_jax cifar_resnet20": _t(100),
+              "se_jax cifar_se_resnet20": _t(110)},
+          "flops": {}, "compile_s": {}, "params": {}}]},
+      "overhead": {"repeats": 12, "rows": [
+          {"kind": "inference", "plain": "resnet50", "se": "se_resnet50",
+           "batch": 1, "times": {"se_jax resnet50": _calls(plain),
+                                 "se_jax se_resnet50": _calls(se)}},
+          {"kind": "train", "plain": "cifar_resnet20",
+           "se": "cifar_se_resnet20", "batch": 128,
+           "times": {"se_jax cifar_resnet20": _calls(plain),
+                     "se_jax cifar_se_resnet20": _calls(se)}}]},
+  }
+  checks = [c for c in benchmark.check_targets(results, {"bf16": False})
+            if c["target"].startswith("se_overhead")]
+  got = {(c["target"], c["where"]): (round(c["value"], 3), c["verdict"])
+         for c in checks}
+  assert got == {
+      ("se_overhead_inference", "ResNet-50, batch 1"): (1.02, "within noise"),
+      ("se_overhead_train", "CIFAR ResNet-20, batch 128"): (1.02, "met")}
+  assert checks[0]["interval"] == pytest.approx((1.01, 1.03))
+  md = "\n".join(benchmark._overhead_table(results["overhead"]))
+  assert "| cifar_se_resnet20 train | 128 | 100.0 | 102.0 | 1.020 |" in md
+  # Fastest calls: 101 / 100.
+  assert md.rstrip().endswith("| 1.010 |")
+  # Without the section the other sections' rounds give the ratios.
+  del results["overhead"]
+  got = {c["where"]: round(c["value"], 3)
+         for c in benchmark.check_targets(results, {"bf16": False})
+         if c["target"].startswith("se_overhead")}
+  assert got == {"ResNet-50, batch 1": 1.2, "CIFAR ResNet-20, batch 128": 1.1}
+
+
+def test_overhead_section_times_each_pair_alone(monkeypatch):
+  built = []
+
+  def fake(kind):
+    def build(name, batch, size, *args, **kwargs):
+      built.append((kind, name, batch, size))
+      return (lambda: None), 0.0, None
+    return build
+
+  monkeypatch.setattr(benchmark, "jax_inference", fake("inference"))
+  monkeypatch.setattr(benchmark, "jax_train_step", fake("train"))
+  timed = []
+  real = benchmark.time_alternating
+  monkeypatch.setattr(
+      benchmark, "time_alternating",
+      lambda fns, repeats: timed.append((sorted(fns), repeats)) or real(
+          fns, repeats, warmup=0, settle_s=0))
+  cfg = {"inference_batches": (1, 8), "train_batch": 8, "cifar_batch": 128,
+         "cifar_depths": (20,), "dtype": None, "overhead_repeats": 5}
+  out = benchmark.section_overhead(cfg)
+  assert timed == [
+      (["se_jax resnet50", "se_jax se_resnet50"], 5),
+      (["se_jax resnet50", "se_jax se_resnet50"], 5),
+      (["se_jax resnet50", "se_jax se_resnet50"], 5),
+      (["se_jax cifar_resnet20", "se_jax cifar_se_resnet20"], 5)]
+  assert built == [
+      ("inference", "resnet50", 1, 224), ("inference", "se_resnet50", 1, 224),
+      ("inference", "resnet50", 8, 224), ("inference", "se_resnet50", 8, 224),
+      ("train", "resnet50", 8, 224), ("train", "se_resnet50", 8, 224),
+      ("train", "cifar_resnet20", 128, 32),
+      ("train", "cifar_se_resnet20", 128, 32)]
+  assert [(r["kind"], r["batch"]) for r in out["rows"]] == [
+      ("inference", 1), ("inference", 8), ("train", 8), ("train", 128)]
+  assert all(t["n"] == 5 for r in out["rows"] for t in r["times"].values())
+  assert out["repeats"] == 5
+
+
 def test_peak_memory_counts_arguments_outputs_and_temporaries():
   stats = types.SimpleNamespace(
       argument_size_in_bytes=100, output_size_in_bytes=30,
