@@ -87,6 +87,7 @@ from experiments.provenance import markdown_header, provenance
 from se_jax import onednn
 from se_jax.conv import conv2d
 from se_jax.models import create
+from se_jax.models.resnet import squeezes_through_conv3
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
@@ -1255,7 +1256,8 @@ def se_input_bytes(name: str, batch: int, size: int, itemsize: int = 4,
   not make. Each stage's maps are ``size / 4`` (after the stem) halved per
   stage, with the units' output channels; in `inference` a bottleneck unit
   that folds its last BN into the attention squeezes the input of its last
-  1x1 convolution instead, with that convolution's input channels."""
+  1x1 convolution instead, with that convolution's input channels, where
+  the unit does (`squeezes_through_conv3`): that map and the kernel."""
   model = nnx.eval_shape(lambda: create(name))
   total = 0
   for i, stage in enumerate(model.stages):
@@ -1263,10 +1265,13 @@ def se_input_bytes(name: str, batch: int, size: int, itemsize: int = 4,
     for unit in stage:
       if unit.attn is None:
         continue
-      channels = unit.out_channels
-      if inference and unit.block == "bottleneck" and unit.fold_norm:
-        channels = unit.conv3.in_features
-      total += batch * side * side * channels
+      positions, channels = batch * side * side, unit.out_channels
+      width = unit.conv3.in_features if unit.conv3 is not None else 0
+      if (inference and unit.block == "bottleneck" and unit.fold_norm
+          and squeezes_through_conv3(positions, width, channels)):
+        total += positions * width + width * channels
+      else:
+        total += positions * channels
   return itemsize * total
 
 
@@ -1587,7 +1592,9 @@ def _inference_evidence(results: dict) -> list[str]:
         " the BN folded in, the SE blocks add one pass over a map to the"
         " plain network's work, the squeeze, which in inference reads the"
         " input of each unit's last 1x1 convolution (a quarter of the"
-        f" output's channels): {nbytes / 1e6:.0f} MB, {1e3 * pass_s:.0f} ms"
+        " output's channels) and that convolution's kernel where these are"
+        " less to read than the output, else the output:"
+        f" {nbytes / 1e6:.0f} MB, {1e3 * pass_s:.0f} ms"
         " at the pooling rate measured in the SE-block section, besides the"
         " small FC layers. The extra time is"
         + (" within the cost of that pass." if extra <= pass_s else

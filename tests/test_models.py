@@ -10,6 +10,7 @@ from flax import nnx
 import se_jax
 from se_jax import SqueezeExcite
 from se_jax.models import capture_gates, create, names, pretrained
+from se_jax.models.resnet import squeezes_through_conv3
 from tests import reference as ref
 
 REQUIRED = [
@@ -426,7 +427,9 @@ def test_inference_squeezes_through_the_last_1x1_conv(kind, monkeypatch):
   monkeypatch.setattr(cls, "affine_call",
                       lambda self, *a, **k: seen.append(k["mean"]) or
                       call(self, *a, **k))
-  x = _images(n=2, size=16, c=256, seed=3)
+  # 2 x 16 x 16 output positions: the input's 128 channels and conv3's
+  # 128 x 512 kernel are less to read than the output's 512 channels.
+  x = _images(n=2, size=32, c=256, seed=3)
   out = {}
   for fold in (True, False):
     unit = create("se_resnet50", attention=kind, fold_norm=fold).stages[1][0]
@@ -443,6 +446,28 @@ def test_inference_squeezes_through_the_last_1x1_conv(kind, monkeypatch):
   seen.clear()
   create("se_resnet50", attention=kind).stages[1][0](x)
   assert seen == [None]
+
+
+def test_inference_squeezes_the_output_where_conv3s_kernel_outweighs_it(
+    monkeypatch):
+  # The last stage's unit at one 2 x 2 image: 4 positions x 2048 output
+  # channels against 4 x 512 inputs and a 512 x 2048 kernel.
+  assert not squeezes_through_conv3(4, 512, 2048)
+  assert squeezes_through_conv3(2 * 16 * 16, 128, 512)
+  cls = type(create("se_resnet50").stages[3][0].attn)
+  seen = []
+  call = cls.affine_call
+  monkeypatch.setattr(cls, "affine_call",
+                      lambda self, *a, **k: seen.append(k["mean"]) or
+                      call(self, *a, **k))
+  x = _images(n=1, size=4, c=1024, seed=4)
+  out = {}
+  for fold in (True, False):
+    unit = create("se_resnet50", fold_norm=fold).stages[3][0]
+    unit.eval()
+    out[fold] = unit(x)
+  assert seen == [None]
+  np.testing.assert_allclose(out[True], out[False], rtol=1e-5, atol=1e-5)
 
 
 def test_only_the_standard_unit_folds_the_norm():

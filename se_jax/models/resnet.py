@@ -108,6 +108,16 @@ def _norm(c, *, dtype):
   return BatchNorm(c, momentum=_BN_MOMENTUM, epsilon=_BN_EPSILON, dtype=dtype)
 
 
+def squeezes_through_conv3(positions: int, width: int, channels: int) -> bool:
+  """Whether a bottleneck unit in inference takes its squeeze as conv3
+  applied to the mean of conv3's input rather than as the mean of conv3's
+  output: where reading that input (`positions` x `width` values, positions
+  counting N x H x W) and conv3's kernel (`width` x `channels`) moves fewer
+  values than reading the output (`positions` x `channels`). In ResNet-50
+  at batch 1 the last two stages' kernels outweigh their maps."""
+  return positions * width + width * channels < positions * channels
+
+
 class ResidualUnit(nnx.Module):
   """A residual unit, basic or bottleneck, plain or pre-activation, with an
   optional attention module.
@@ -263,11 +273,14 @@ class ResidualUnit(nnx.Module):
     if self.fold_norm:
       mul, add = last_bn.affine(h)
       mean = None
-      if self.block == "bottleneck" and last_bn.use_running_average:
+      if (self.block == "bottleneck" and last_bn.use_running_average
+          and squeezes_through_conv3(math.prod(before.shape[:-1]),
+                                     before.shape[-1], h.shape[-1])):
         # conv3 is linear, 1x1 and of stride 1: the mean of its output over
         # the positions is conv3 of its input's mean, a quarter as many
-        # channels to read. In training the BatchNorm's statistics read the
-        # output anyway, and the squeeze shares that pass.
+        # channels to read, besides conv3's kernel. In training the
+        # BatchNorm's statistics read the output anyway, and the squeeze
+        # shares that pass.
         f32 = jnp.float32
         mean = (jnp.mean(before, axis=(1, 2), dtype=f32)
                 @ self.conv3.kernel[...][0, 0].astype(f32))
