@@ -145,7 +145,7 @@ def test_missing_handlers_fall_back_to_the_formulation(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="python -m se_jax.build_onednn"):
       conv_lib.conv2d(x, k, impl="onednn")
   finally:
-    monkeypatch.delenv("SE_JAX_ONEDNN_LIB")
+    monkeypatch.undo()
     onednn.available.cache_clear()
   assert onednn.available()
 
