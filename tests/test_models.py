@@ -416,17 +416,24 @@ def test_inference_keeps_each_bottleneck_output_in_one_buffer():
                              atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["se", "ese"])
-def test_inference_squeezes_through_the_last_1x1_conv(kind, monkeypatch):
-  # In eval mode a bottleneck unit gives its attention the squeeze as conv3
-  # of the mean of conv3's input; the unit computes what the unit with the
-  # BN apart (which squeezes the normalised map) does.
+def _given_means(monkeypatch, kind: str) -> list:
+  """The `mean` that each call of attention `kind`'s `affine_call` gets,
+  in a list that fills as the calls come."""
   cls = type(create("se_resnet50", attention=kind).stages[1][0].attn)
   seen = []
   call = cls.affine_call
   monkeypatch.setattr(cls, "affine_call",
                       lambda self, *a, **k: seen.append(k["mean"]) or
                       call(self, *a, **k))
+  return seen
+
+
+@pytest.mark.parametrize("kind", ["se", "ese"])
+def test_inference_squeezes_through_the_last_1x1_conv(kind, monkeypatch):
+  # In eval mode a bottleneck unit gives its attention the squeeze as conv3
+  # of the mean of conv3's input; the unit computes what the unit with the
+  # BN apart (which squeezes the normalised map) does.
+  seen = _given_means(monkeypatch, kind)
   # 2 x 16 x 16 output positions: the input's 128 channels and conv3's
   # 128 x 512 kernel are less to read than the output's 512 channels.
   x = _images(n=2, size=32, c=256, seed=3)
@@ -454,12 +461,7 @@ def test_inference_squeezes_the_output_where_conv3s_kernel_outweighs_it(
   # channels against 4 x 512 inputs and a 512 x 2048 kernel.
   assert not squeezes_through_conv3(4, 512, 2048)
   assert squeezes_through_conv3(2 * 16 * 16, 128, 512)
-  cls = type(create("se_resnet50").stages[3][0].attn)
-  seen = []
-  call = cls.affine_call
-  monkeypatch.setattr(cls, "affine_call",
-                      lambda self, *a, **k: seen.append(k["mean"]) or
-                      call(self, *a, **k))
+  seen = _given_means(monkeypatch, "se")
   x = _images(n=1, size=4, c=1024, seed=4)
   out = {}
   for fold in (True, False):
