@@ -422,6 +422,16 @@ def test_the_benchmark_times_the_trainers_step():
   run()
 
 
+def test_each_inference_program_is_compiled_once_per_run():
+  # The overhead section times the inference section's programs again.
+  args = ("cifar_resnet20", 2, 16, None)
+  run, _, compiled = benchmark.jax_inference(*args, stage_sizes=(1, 1, 1))
+  assert benchmark.jax_inference(*args, stage_sizes=(1, 1, 1))[2] is compiled
+  other = benchmark.jax_inference(*args, stage_sizes=(1, 1, 2))[2]
+  assert other is not compiled
+  run()
+
+
 def _code_lines(text: str) -> list[str]:
   return [line.split("#")[0].strip() for line in text.splitlines()
           if line.split("#")[0].strip()]
