@@ -281,14 +281,25 @@ class _Compiled:
     return self.compiled(*args)
 
 
-def matmul_rate(repeats: int, n: int = 2048, dtype=jnp.float32) -> float:
-  """FLOP/s of a large matrix product in XLA: the machine's practical peak
-  for dense arithmetic."""
+# The timed matrix product's label and size: the machine's practical peak
+# for dense arithmetic, timed in the CIFAR rounds beside the steps.
+MATMUL = "XLA matmul"
+MATMUL_N = 2048
+
+
+def matmul_call(n: int = MATMUL_N, dtype=jnp.float32):
+  """A call of a large matrix product in XLA (`n` x `n`, compiled) and its
+  FLOPs."""
   a = jax.random.normal(jax.random.key(0), (n, n), dtype)
   f = jax.jit(lambda a: a @ a)
-  t = time_alternating({"matmul": lambda: f(a).block_until_ready()},
-                       repeats)["matmul"]["median_s"]
-  return 2 * n ** 3 / t
+  return (lambda: f(a).block_until_ready()), 2 * n ** 3
+
+
+def matmul_rate(row: dict) -> float | None:
+  """FLOP/s of the matrix product timed in a CIFAR round (`row`), by the
+  median of its calls."""
+  t = row.get("matmul")
+  return row["matmul_flops"] / t["median_s"] if t else None
 
 
 def training_flops(name: str, batch: int, size: int, num_classes: int,
@@ -589,7 +600,7 @@ def section_train(cfg) -> dict:
 def section_cifar(cfg) -> dict:
   rows = []
   batch = cfg["cifar_batch"]
-  rate = matmul_rate(cfg["repeats"])
+  matmul, matmul_flops = matmul_call()
   for depth in cfg["cifar_depths"]:
     fns, compile_s, params, flops = {}, {}, {}, {}
     for se in (False, True):
@@ -615,10 +626,18 @@ def section_cifar(cfg) -> dict:
               torch_cifar_resnet(depth, se), batch, 32, 10, cl, cfg["bf16"])
     print(f"[cifar] ResNet-{depth} at batch {batch}", file=sys.stderr,
           flush=True)
+    # The matrix product takes its turn in every repeat, so that the share
+    # of its rate a step reaches is a ratio of adjacent calls, not of calls
+    # minutes apart on a machine whose speed drifts.
+    fns[MATMUL] = matmul
     times = time_alternating(fns, cfg["repeats"])
-    rows.append({"depth": depth, "batch": batch, "times": times,
-                 "compile_s": compile_s, "params": params, "flops": flops})
-  return {"rows": rows, "matmul_flops_per_s": rate}
+    rows.append({"depth": depth, "batch": batch, "compile_s": compile_s,
+                 "params": params, "flops": flops,
+                 "matmul": times.pop(MATMUL), "matmul_flops": matmul_flops,
+                 "times": times})
+  calls = [x for r in rows for x in r["matmul"]["times_s"]]
+  return {"rows": rows, "matmul_flops_per_s":
+          matmul_flops / statistics.median(calls) if calls else None}
 
 
 def overhead_cases(cfg) -> list[tuple[str, str, str, int, int, int]]:
@@ -1209,8 +1228,20 @@ def check_targets(results: dict, cfg: dict) -> list[dict]:
     if key in t:
       add("speed_vs_torch_cifar", paired_ratio(t, key, se),
           f"SE-ResNet-{d}, batch {b}")
-    if rate:
-      flops = row["flops"][f"cifar_se_resnet{d}"]
+    flops = row.get("flops", {}).get(f"cifar_se_resnet{d}")
+    if flops and row.get("matmul"):
+      # The share by the paired ratio: each step's call against the matrix
+      # product's call of the same repeat.
+      here = matmul_rate(row)
+      share = paired_ratio({**t, MATMUL: row["matmul"]}, MATMUL, se)
+      scale = flops / row["matmul_flops"]
+      add("peak_fraction_cifar",
+          {"value": scale * share["value"],
+           "interval": tuple(scale * x for x in share["interval"])
+           if share["interval"] else None},
+          f"SE-ResNet-{d}: {flops / t[se]['median_s'] / 1e9:.1f} of"
+          f" {here / 1e9:.1f} GFLOP/s")
+    elif flops and rate:
       achieved = flops / t[se]["median_s"]
       iv = median_interval(t[se].get("times_s") or [])
       add("peak_fraction_cifar",
@@ -1366,6 +1397,30 @@ def evidence(results: dict) -> list[str]:
               + ", so these timings cannot split the steps into"
               " convolutions and the rest")
       lines.append(line + ".")
+      rate = matmul_rate(row) or c.get("matmul_flops_per_s")
+      flops = row.get("flops", {}).get(f"cifar_se_resnet{d}")
+      if rate and flops and step > conv:
+        # What the share of the matrix product rate could be with the rest of
+        # the step as it is: the counted FLOPs are all the convolutions' and
+        # the dense layer's.
+        ideal = flops / rate
+        line = (
+            f"SE-ResNet-{d}'s step counts {flops / 1e9:.0f} GFLOP, which at"
+            f" the matrix product rate ({rate / 1e9:.1f} GFLOP/s) take"
+            f" {1e3 * ideal:.0f} ms: its convolutions, timed alone, run at"
+            f" {flops / conv / 1e9:.0f} GFLOP/s ({flops / conv / rate:.2f}"
+            f" of the rate), and the other {1e3 * (step - conv):.0f} ms"
+            " (BatchNorm, ReLU, SE, the update: passes over the maps, with"
+            " almost none of the counted FLOPs) would hold the step to"
+            f" {ideal / (ideal + step - conv):.2f} of the rate even with the"
+            " convolutions at the full rate")
+        pt_name = f"PyTorch cifar_se_resnet{d} CL"
+        if pt_name in row["times"]:
+          pt_step = row["times"][pt_name]["median_s"]
+          line += (f". PyTorch channels_last's step reaches"
+                   f" {flops / pt_step / rate:.2f} of the rate in the same"
+                   " run")
+        lines.append(line + ".")
   tu = results.get("tuning")
   if tu:
     t = tu["times"]
@@ -1747,10 +1802,17 @@ def to_markdown(results: dict, checks: list[dict], prov: dict,
     out.append("")
   if "cifar" in results:
     rate = results["cifar"].get("matmul_flops_per_s")
+    paired = all(r.get("matmul") for r in results["cifar"]["rows"])
     if rate:
       out.append(
-          f"The machine's matrix product rate, a 2048 x 2048 float32 product"
-          f" in XLA in the same run: {rate / 1e9:.1f} GFLOP/s. A training"
+          f"The machine's matrix product rate, a {MATMUL_N} x {MATMUL_N}"
+          f" float32 product in XLA in the same run: {rate / 1e9:.1f}"
+          " GFLOP/s"
+          + (", the median of its calls, one in every repeat of the CIFAR"
+             " rounds below, between the steps; a step's share of the rate"
+             " (the targets) is the median over the repeats of its rate over"
+             " the product's rate in the same repeat" if paired else "")
+          + ". A training"
           " step's FLOPs are counted as 6 per multiply-add of its forward"
           " pass (`se_jax.count_flops`, padding included)"
           + (f"; counted again at commit {results['flops_recounted_at']}"
@@ -1767,6 +1829,11 @@ def to_markdown(results: dict, checks: list[dict], prov: dict,
           + "\n")
       out.extend(_times_table(row["times"], row["batch"],
                               f"se_jax cifar_se_resnet{d}", row["flops"]))
+      if row.get("matmul"):
+        m = row["matmul"]
+        out.append(
+            f"\nThe matrix product in the same repeats: {_ms(m)} ms"
+            f" ({_spread(m)} ms), {matmul_rate(row) / 1e9:.1f} GFLOP/s.")
       out.append("")
   if results.get("overhead", {}).get("rows"):
     out.extend(_overhead_table(results["overhead"]))
