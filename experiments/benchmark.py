@@ -1491,14 +1491,18 @@ def evidence(results: dict) -> list[str]:
           f" {m[apart] / m[plain]:.3f}.")
       recomputed = f"{se}, materialize=False"
       if recomputed in t:
+        r = paired_ratio(t, recomputed, se)
+        lo, hi = r["interval"] or (r["value"], r["value"])
         lines.append(
             "Each unit's output in a buffer of its own"
             " (`se_jax.conv.materialized`): without it (`materialize=False`)"
             f" the CIFAR SE-ResNet-{fold['depth']} step takes"
-            f" {_ms(t[recomputed])} ms against {_ms(t[se])} ms"
-            f" ({_ratio(t, recomputed, se):.2f}x), as XLA:CPU recomputes"
-            " the earlier units of a stage in every later unit's shortcut"
-            " sum.")
+            f" {_ms(t[recomputed])} ms against {_ms(t[se])} ms, paired"
+            f" ratio {_with_interval(r)}"
+            + (", as XLA:CPU recomputes the earlier units of a stage in every"
+               " later unit's shortcut sum." if lo > 1 else
+               ": faster without it in this run." if hi < 1 else
+               ": this run cannot tell the two apart."))
   al = results.get("allocator", {})
   if "rows" in al:
     on, off = al["rows"]["huge pages advised"], al["rows"]["4 KiB pages"]

@@ -438,7 +438,19 @@ def test_evidence_names_what_bounds_the_step():
           " apart, SE / plain time 1.010 against 1.200, and SE / plain peak"
           " memory 1.010 against 1.200") in text
   assert ("without it (`materialize=False`) the CIFAR SE-ResNet-110 step"
-          " takes 1515.0 ms against 1010.0 ms (1.50x)") in text
+          " takes 1515.0 ms against 1010.0 ms, paired ratio 1.500, as XLA:CPU"
+          " recomputes") in text
+  # The cause is named only where the run shows the recomputing step
+  # slower; a faster one, or one within noise, is reported as such.
+  fold = results["tuning"]["fold"]["times"]
+  fold["s, materialize=False"] = _t(960)
+  text = " ".join(benchmark.evidence(results))
+  assert "paired ratio 0.950: faster without it in this run." in text
+  fold["s"] = _calls([1000 + 10 * (i % 4) for i in range(12)])
+  fold["s, materialize=False"] = _calls([990 + 15 * (i % 3) for i in range(12)])
+  text = " ".join(benchmark.evidence(results))
+  assert ": this run cannot tell the two apart." in text
+  assert "recomputes" not in text
   assert "ResNet-50 training, batch 8 1.10x, 1.20x CL" in text
   # In inference, at batch 1, 11,280,384 bytes (`se_input_bytes`: a
   # quarter of the first two stages' outputs with conv3's kernels, the last
