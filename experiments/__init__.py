@@ -1,5 +1,5 @@
 """The experiment scripts of se_jax: ``python -m experiments.NAME``."""
 
-from experiments import hugepages as _hugepages
+from experiments import allocator as _allocator
 
-_hugepages.restart_if_needed()
+_allocator.restart_if_needed()

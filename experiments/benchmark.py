@@ -82,7 +82,7 @@ import optax
 from flax import nnx
 
 import se_jax
-from experiments import cli, files, steps
+from experiments import allocator, cli, files, steps
 from experiments.provenance import markdown_header, provenance
 from se_jax import onednn
 from se_jax.conv import conv2d
@@ -949,7 +949,7 @@ def runs_in_child(name: str, batch: int, options: dict,
 # runs, once with huge pages advised and once without.
 _ALLOCATOR_CHILD = """
 import json, resource, sys, time
-from experiments import benchmark, hugepages
+from experiments import allocator, benchmark
 name, batch, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 run = benchmark.jax_train_step(name, batch, 32, 10, None)[0]
 run(); run()
@@ -957,21 +957,28 @@ r0, times = resource.getrusage(resource.RUSAGE_SELF), []
 for _ in range(repeats):
   t0 = time.perf_counter(); run(); times.append(time.perf_counter() - t0)
 r1 = resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps({"times": times, "state": hugepages.state(),
+print(json.dumps({"times": times, "state": allocator.state(),
                   "faults": (r1.ru_minflt - r0.ru_minflt) / repeats,
                   "system_s": (r1.ru_stime - r0.ru_stime) / repeats}))
 """
 
 
+# The allocator section's process with the experiment scripts' tunables.
+KEPT_HEAP = "heap kept"
+
+
 def section_allocator(cfg) -> dict:
-  """The CIFAR SE-ResNet-20 training step in fresh processes, with glibc's
-  huge pages advised (what the experiment scripts run with, see
-  `experiments.hugepages`) and without, the two alternating."""
+  """The CIFAR SE-ResNet-20 training step in fresh processes under glibc's
+  tunables: the heap kept and huge pages advised (what the experiment
+  scripts run with, see `experiments.allocator`), huge pages advised alone,
+  and neither, the three alternating."""
   if cfg["gpu"] or sys.platform != "linux":
     return {"skipped": "glibc's page advice concerns CPU buffers on Linux"}
   name, batch = "cifar_se_resnet20", cfg["cifar_batch"]
   base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-  envs = {"huge pages advised": {**base,
+  envs = {KEPT_HEAP: {**base, "GLIBC_TUNABLES": allocator.tunables(
+              allocator.thp_mode())},
+          "huge pages advised": {**base,
                                  "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
           "4 KiB pages": {**base, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}}
   runs = {k: [] for k in envs}
@@ -992,7 +999,8 @@ def section_allocator(cfg) -> dict:
                "system_s_per_step": statistics.median(
                    r["system_s"] for r in rs),
                "state": rs[0]["state"]}
-  return {"model": name, "batch": batch, "rounds": rounds, "rows": rows}
+  return {"model": name, "batch": batch, "rounds": rounds, "rows": rows,
+          "tunables": envs[KEPT_HEAP]["GLIBC_TUNABLES"]}
 
 
 # ------------------------------------------------------------------ report
@@ -1505,19 +1513,7 @@ def evidence(results: dict) -> list[str]:
                ": this run cannot tell the two apart."))
   al = results.get("allocator", {})
   if "rows" in al:
-    on, off = al["rows"]["huge pages advised"], al["rows"]["4 KiB pages"]
-    lines.append(
-        f"Memory pages: in fresh processes, the {al['model']} step at batch"
-        f" {al['batch']} takes {_ms(on)} ms with glibc's huge pages advised"
-        f" (the experiment scripts' setting) and {_ms(off)} ms without"
-        f" ({off['median_s'] / on['median_s']:.2f}x), with"
-        f" {on['faults_per_step']:,.0f} against"
-        f" {off['faults_per_step']:,.0f} page faults and"
-        f" {1e3 * on['system_s_per_step']:.0f} against"
-        f" {1e3 * off['system_s_per_step']:.0f} ms of system time per step:"
-        " XLA:CPU allocates the step's buffers afresh on every call. A"
-        " program of the user's own gets the same by starting Python with"
-        " `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`.")
+    lines.append(_allocator_evidence(al))
   lines.extend(_inference_evidence(results))
   lines.extend(_inference_conv_evidence(results))
   torch_se = _torch_se_overheads(results)
@@ -1553,6 +1549,40 @@ def _saving(seconds: float) -> str:
   if ms == 0:
     return "changes less than 1 ms"
   return f"saves {ms} ms" if ms > 0 else f"costs {-ms} ms"
+
+
+def _allocator_evidence(al: dict) -> str:
+  rows = al["rows"]
+  kept, on, off = (rows.get(KEPT_HEAP), rows["huge pages advised"],
+                   rows["4 KiB pages"])
+  if kept is None:
+    return (
+        f"Memory pages: in fresh processes, the {al['model']} step at batch"
+        f" {al['batch']} takes {_ms(on)} ms with glibc's huge pages advised"
+        f" and {_ms(off)} ms without"
+        f" ({off['median_s'] / on['median_s']:.2f}x), with"
+        f" {on['faults_per_step']:,.0f} against"
+        f" {off['faults_per_step']:,.0f} page faults and"
+        f" {1e3 * on['system_s_per_step']:.0f} against"
+        f" {1e3 * off['system_s_per_step']:.0f} ms of system time per step:"
+        " XLA:CPU allocates the step's buffers afresh on every call.")
+  each = [(kept, "with the heap kept and huge pages advised (the experiment"
+           " scripts' glibc tunables)"),
+          (on, "with huge pages advised alone"),
+          (off, "with glibc's defaults")]
+  return (
+      f"Memory: in fresh processes, the {al['model']} step at batch"
+      f" {al['batch']} takes "
+      + ", ".join(f"{_ms(r)} ms {what}" for r, what in each)
+      + f" ({on['median_s'] / kept['median_s']:.2f}x and"
+      f" {off['median_s'] / kept['median_s']:.2f}x the first), with "
+      + ", ".join(f"{r['faults_per_step']:,.0f}" for r, _ in each)
+      + " page faults and "
+      + ", ".join(f"{1e3 * r['system_s_per_step']:.0f}" for r, _ in each)
+      + " ms of system time per step: XLA:CPU allocates the step's buffers"
+      " afresh on every call, and only the kept heap hands it the same pages"
+      " again. A program of the user's own gets the same by starting Python"
+      " with `GLIBC_TUNABLES` set as `experiments/allocator.py` says.")
 
 
 def _with_interval(ratio: dict) -> str:
@@ -1951,16 +1981,21 @@ def to_markdown(results: dict, checks: list[dict], prov: dict,
     out.append("")
   if "rows" in results.get("allocator", {}):
     al = results["allocator"]
-    out.append("## Memory pages: the training step in fresh processes\n")
+    kept = KEPT_HEAP in al["rows"]
+    out.append("## Memory: the training step in fresh processes\n")
     out.append(
         f"`{al['model']}`, batch {al['batch']}, the trainer's step in"
-        f" {al['rounds']} pair(s) of fresh processes, one with"
-        " `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (huge pages advised, what"
-        " the experiment scripts restart with; `experiments/hugepages.py`)"
-        " and one with `glibc.malloc.hugetlb=0`, the pairs alternating;"
-        " page faults and system time per step from `getrusage`.\n")
+        f" {al['rounds']} round(s) of fresh processes, one per setting of"
+        " glibc's tunables, the rounds alternating: "
+        + (f"`GLIBC_TUNABLES={al['tunables']}` (the heap"
+           " kept, huge pages advised where the kernel takes advice: what"
+           " the experiment scripts restart with; `experiments/allocator.py`),"
+           " " if kept else "")
+        + "`glibc.malloc.hugetlb=1` (huge pages advised) and"
+        " `glibc.malloc.hugetlb=0`; page faults and system time per step from"
+        " `getrusage`.\n")
     out.append("| process | median ms | page faults / step | system ms / step"
-               " | pages |\n|---|---|---|---|---|")
+               " | allocator |\n|---|---|---|---|---|")
     for k, r in al["rows"].items():
       out.append(f"| {k} | {_ms(r)} | {r['faults_per_step']:,.0f} |"
                  f" {1e3 * r['system_s_per_step']:.0f} | {r['state']} |")

@@ -9,7 +9,7 @@ import shlex
 import subprocess
 import sys
 
-from experiments import hugepages
+from experiments import allocator
 
 
 def _commit() -> str:
@@ -62,7 +62,7 @@ def provenance() -> dict:
                  f" ({devices[0].platform})",
       "versions": {"python": platform.python_version(), "jax": jax.__version__,
                    "flax": flax.__version__},
-      "memory_pages": hugepages.state(),
+      "memory_pages": allocator.state(),
   }
 
 
