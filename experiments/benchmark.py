@@ -946,7 +946,7 @@ def runs_in_child(name: str, batch: int, options: dict,
 
 
 # A child process timing the trainer's step: what the allocator section
-# runs, once with huge pages advised and once without.
+# runs, once under each setting of glibc's tunables.
 _ALLOCATOR_CHILD = """
 import json, resource, sys, time
 from experiments import allocator, benchmark
