@@ -1379,7 +1379,9 @@ def evidence(results: dict) -> list[str]:
       conv = sum(v for n, v in tot.items() if n.startswith("se_jax"))
       line = (
           f"In se_jax's SE-ResNet-{d} step ({1e3 * step:.0f} ms) the"
-          f" convolutions measured alone account for {1e3 * conv:.0f} ms")
+          f" convolutions measured alone account for {1e3 * conv:.0f} ms"
+          " (timed in the kernels section, minutes from the step's round,"
+          " so the split moves with the machine's speed between the two)")
       line += (
           f"; the other {1e3 * (step - conv):.0f} ms are BatchNorm, ReLU, SE,"
           + (" and the update" if k.get("conv_route") == "onednn" else
