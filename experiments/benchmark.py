@@ -795,9 +795,25 @@ def _conv_totals(rows: list[dict], depth: int) -> dict[str, float]:
 def section_kernels(cfg) -> dict:
   """Each convolution of the CIFAR ResNets: forward and both gradients,
   se_jax's `conv2d` against XLA's convolution (in its default pipeline and,
-  on CPUs, with `XLA_CONV_OPTION`) and PyTorch's."""
+  on CPUs, with `XLA_CONV_OPTION`) and PyTorch's; in every shape's round
+  also the SE-ResNets' training steps (se_jax's and PyTorch channels_last's)
+  and the matrix product, whose calls over all the rounds are the
+  section's ``steps``."""
   batch, dtype = cfg["cifar_batch"], cfg["dtype"] or jnp.float32
   rows = []
+  # The SE-ResNets' training steps whose convolutions these are, and the
+  # matrix product, take their turn in every round, so that a step is split
+  # into its convolutions and the rest by calls of the same minutes.
+  whole = {}
+  for d in cfg["cifar_depths"]:
+    name = f"cifar_se_resnet{d}"
+    whole[f"se_jax {name}"] = jax_train_step(name, batch, 32, 10,
+                                             cfg["dtype"])[0]
+    if cfg["torch"] and True in cfg["torch_layouts"]:
+      whole[f"PyTorch {name} CL"] = torch_train_step(
+          torch_cifar_resnet(d, True), batch, 32, 10, True, cfg["bf16"])
+  whole[MATMUL], matmul_flops = matmul_call()
+  whole_calls = {n: [] for n in whole}
   for (h, cin, cout, stride), count in zip(CIFAR_CONV_SHAPES,
                                            cifar_conv_counts(20)):
     ho = h // stride
@@ -853,12 +869,16 @@ def section_kernels(cfg) -> dict:
           xt, wt, stride=stride, padding=1))
       fns["PyTorch CL input grad"] = sync(lambda: bwd((True, False, False)))
       fns["PyTorch CL kernel grad"] = sync(lambda: bwd((False, True, False)))
-    times = time_alternating(fns, cfg["repeats"])
+    times = time_alternating({**fns, **whole}, cfg["repeats"])
+    for n in whole:
+      whole_calls[n] += times.pop(n)["times_s"]
     rows.append({"shape": [batch, h, h, cin, cout, stride], "count": count,
                  "times": times})
   return {"rows": rows, "conv_route": _conv_route(cfg),
           "totals_s": {str(d): _conv_totals(rows, d)
-                       for d in cfg["cifar_depths"]}}
+                       for d in cfg["cifar_depths"]},
+          "steps": {n: _summary(v) for n, v in whole_calls.items()},
+          "matmul_flops": matmul_flops}
 
 
 def _conv_route(cfg) -> str:
@@ -1375,21 +1395,25 @@ def evidence(results: dict) -> list[str]:
       tot = k["totals_s"].get(str(d))
       if tot is None:
         continue
-      step = row["times"][f"se_jax cifar_se_resnet{d}"]["median_s"]
+      steps, rate, apart = _split_steps(k, c, row)
+      step = steps[f"se_jax cifar_se_resnet{d}"]["median_s"]
       conv = sum(v for n, v in tot.items() if n.startswith("se_jax"))
       line = (
           f"In se_jax's SE-ResNet-{d} step ({1e3 * step:.0f} ms) the"
           f" convolutions measured alone account for {1e3 * conv:.0f} ms"
-          " (timed in the kernels section, minutes from the step's round,"
-          " so the split moves with the machine's speed between the two)")
+          + (" (timed in the kernels section, minutes from the step's round,"
+             " so the split moves with the machine's speed between the two)"
+             if apart else
+             " (the step timed in the kernels section's rounds, between the"
+             " convolutions' calls)"))
       line += (
           f"; the other {1e3 * (step - conv):.0f} ms are BatchNorm, ReLU, SE,"
           + (" and the update" if k.get("conv_route") == "onednn" else
              " the layout changes of the kernel gradients and the update")
           if step > conv else ", more than the whole step")
       pt_name = f"PyTorch cifar_se_resnet{d} CL"
-      if pt_name in row["times"] and "PyTorch CL forward" in tot:
-        pt_step = row["times"][pt_name]["median_s"]
+      if pt_name in steps and "PyTorch CL forward" in tot:
+        pt_step = steps[pt_name]["median_s"]
         pt_conv = sum(v for n, v in tot.items() if n.startswith("PyTorch"))
         line += (f". PyTorch channels_last: step {1e3 * pt_step:.0f} ms,"
                  f" the same convolutions alone {1e3 * pt_conv:.0f} ms")
@@ -1407,7 +1431,6 @@ def evidence(results: dict) -> list[str]:
               + ", so these timings cannot split the steps into"
               " convolutions and the rest")
       lines.append(line + ".")
-      rate = matmul_rate(row) or c.get("matmul_flops_per_s")
       flops = row.get("flops", {}).get(f"cifar_se_resnet{d}")
       if rate and flops and step > conv:
         # What the share of the matrix product rate could be with the rest of
@@ -1416,20 +1439,21 @@ def evidence(results: dict) -> list[str]:
         ideal = flops / rate
         line = (
             f"SE-ResNet-{d}'s step counts {flops / 1e9:.0f} GFLOP, which at"
-            f" the matrix product rate ({rate / 1e9:.1f} GFLOP/s) take"
-            f" {1e3 * ideal:.0f} ms: its convolutions, timed alone, run at"
-            f" {flops / conv / 1e9:.0f} GFLOP/s ({flops / conv / rate:.2f}"
-            f" of the rate), and the other {1e3 * (step - conv):.0f} ms"
+            f" the matrix product rate ({rate / 1e9:.1f} GFLOP/s"
+            + ("" if apart else ", timed in the same rounds")
+            + f") take {1e3 * ideal:.0f} ms: its convolutions, timed alone,"
+            f" run at {flops / conv / 1e9:.0f} GFLOP/s"
+            f" ({flops / conv / rate:.2f} of the rate), and the other"
+            f" {1e3 * (step - conv):.0f} ms"
             " (BatchNorm, ReLU, SE, the update: passes over the maps, with"
             " almost none of the counted FLOPs) would hold the step to"
             f" {ideal / (ideal + step - conv):.2f} of the rate even with the"
             " convolutions at the full rate")
-        pt_name = f"PyTorch cifar_se_resnet{d} CL"
-        if pt_name in row["times"]:
-          pt_step = row["times"][pt_name]["median_s"]
+        if pt_name in steps:
+          pt_step = steps[pt_name]["median_s"]
           line += (f". PyTorch channels_last's step reaches"
                    f" {flops / pt_step / rate:.2f} of the rate in the same"
-                   " run")
+                   + (" run" if apart else " rounds"))
         lines.append(line + ".")
   tu = results.get("tuning")
   if tu:
@@ -1524,6 +1548,22 @@ def evidence(results: dict) -> list[str]:
         "PyTorch's own SE overhead on this machine, SE / plain time in the"
         " same runs: " + "; ".join(torch_se) + ".")
   return lines
+
+
+def _split_steps(kernels: dict, cifar: dict, row: dict):
+  """The step times and the matrix product rate that split the CIFAR step
+  of `row` into its convolutions and the rest: those timed in the kernels
+  section's rounds where the run has them, else those of the CIFAR
+  section's round, minutes from the convolutions' calls. Returns the
+  times, the rate (None if unknown) and whether they were timed apart from
+  the convolutions."""
+  steps = kernels.get("steps", {})
+  if f"se_jax cifar_se_resnet{row['depth']}" in steps:
+    rate = (kernels["matmul_flops"] / steps[MATMUL]["median_s"]
+            if MATMUL in steps else None)
+    return steps, rate, False
+  return (row["times"], matmul_rate(row) or cifar.get("matmul_flops_per_s"),
+          True)
 
 
 # How se_jax's default path runs each kind of convolution on CPUs, with its
@@ -1940,6 +1980,11 @@ def to_markdown(results: dict, checks: list[dict], prov: dict,
                + (f" ({others})" if others else "") + " and leaves out the"
                " first layer's input gradient, which training does not"
                " compute.\n")
+    if k.get("steps"):
+      out.append(
+          "In the same rounds, their calls between the convolutions': "
+          + ", ".join(f"{n} {_ms(t)} ms" for n, t in k["steps"].items())
+          + " (medians over all the rounds).\n")
   if results.get("inference_convs", {}).get("rows"):
     rows = results["inference_convs"]["rows"]
     totals = inference_conv_totals(rows)

@@ -396,6 +396,26 @@ def test_evidence_bounds_the_share_of_the_matrix_product_rate():
           " other 1000 ms") in text
   assert "would hold the step to 0.50 of the rate" in text
   assert "PyTorch channels_last's step reaches 0.40 of the rate" in text
+  # Steps and product timed in the kernels section's rounds, beside the
+  # convolutions, take the place of the CIFAR section's.
+  results["kernels"].update(
+      steps={"se_jax cifar_se_resnet110": _t(1500),
+             "PyTorch cifar_se_resnet110 CL": _t(2000),
+             benchmark.MATMUL: _t(200)}, matmul_flops=20e9)
+  text = " ".join(benchmark.evidence(results))
+  assert ("In se_jax's SE-ResNet-110 step (1500 ms) the convolutions"
+          " measured alone account for 1000 ms (the step timed in the"
+          " kernels section's rounds, between the convolutions' calls);"
+          " the other 500 ms") in text
+  assert ("step 2000 ms, the same convolutions alone 1000 ms, the other"
+          " 1000 ms; convolutions 1.00x PyTorch's time, the rest 0.50x."
+          ) in text
+  assert ("counts 200 GFLOP, which at the matrix product rate (100.0"
+          " GFLOP/s, timed in the same rounds) take 2000 ms") in text
+  assert "(1.00 of the rate)" not in text
+  assert "would hold the step to 0.80 of the rate" in text
+  assert ("PyTorch channels_last's step reaches 1.00 of the rate in the"
+          " same rounds") in text
 
 
 def test_evidence_names_what_bounds_the_step():
@@ -906,3 +926,37 @@ def test_report_only_counts_the_flops_again():
   assert results["flops_recounted_at"] == "abc"
   assert not benchmark.recount_flops(results, "def")
   assert results["flops_recounted_at"] == "abc"
+
+
+def test_kernels_section_times_the_steps_in_its_rounds(tmp_path, monkeypatch):
+  # Two of the shapes, so that the run stays short: the SE-ResNet-20 step
+  # and the matrix product take their turn in each shape's round, and the
+  # split of the step into its convolutions and the rest is from those
+  # calls, not from the CIFAR section's.
+  monkeypatch.setattr(benchmark, "CIFAR_CONV_SHAPES",
+                      benchmark.CIFAR_CONV_SHAPES[:2])
+  out = benchmark.main(["--quick", "--no-torch", "--repeats", "2",
+                        "--sections", "kernels", "--out-dir", str(tmp_path)])
+  k = out["results"]["kernels"]
+  assert len(k["rows"]) == 2
+  for row in k["rows"]:
+    assert set(row["times"]) == {
+        f"{impl} {what}" for impl in ("se_jax", "XLA", "XLA + option")
+        + (("formulated",) if k["conv_route"] == "onednn" else ())
+        for what in ("forward", "input grad", "kernel grad")}
+  assert set(k["steps"]) == {"se_jax cifar_se_resnet20", benchmark.MATMUL}
+  assert all(s["n"] == 4 for s in k["steps"].values())
+  cifar = {"rows": [{"depth": 20, "batch": 32, "times": {
+      "se_jax cifar_se_resnet20": _t(1e6)}, "flops": {
+          "cifar_se_resnet20": benchmark.training_flops(
+              "cifar_se_resnet20", 32, 32, 10)}}]}
+  text = " ".join(benchmark.evidence({"kernels": k, "cifar": cifar}))
+  step = k["steps"]["se_jax cifar_se_resnet20"]["median_s"]
+  assert (f"In se_jax's SE-ResNet-20 step ({1e3 * step:.0f} ms) the"
+          " convolutions measured alone account for") in text
+  assert ("(the step timed in the kernels section's rounds, between the"
+          " convolutions' calls)") in text
+  assert "1000000 ms" not in text
+  md = (tmp_path / "benchmark.md").read_text()
+  assert (f"In the same rounds, their calls between the convolutions':"
+          f" se_jax cifar_se_resnet20 {1e3 * step:.1f} ms") in md
