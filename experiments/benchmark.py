@@ -85,6 +85,7 @@ import se_jax
 from experiments import allocator, cli, files, steps
 from experiments.provenance import markdown_header, provenance
 from se_jax import onednn
+from se_jax.attention.se import SqueezeExcite
 from se_jax.conv import conv2d
 from se_jax.models import create
 from se_jax.models.resnet import squeezes_through_conv3
@@ -133,6 +134,9 @@ INFERENCE_XLA_OPTION = "se_jax se_resnet50, XLA conv + option"
 INFERENCE_FORMULATED = "se_jax se_resnet50, formulated conv"
 # The tuning section's name for the step with that formulation.
 FORMULATED_VARIANT = "conv_impl='formulated'"
+# SE-ResNet-50's excitations alone (`se_excitations`), timed in the
+# inference section's rounds.
+EXCITATIONS = "se_jax se_resnet50, SE excitations alone"
 
 
 def onednn_ops(compiled) -> int:
@@ -344,6 +348,36 @@ def _build_inference(name, batch, size, dtype, options, model_options):
   f = _Compiled(lambda s, x: nnx.merge(graphdef, s)(x), state, x,
                 options=options)
   return (lambda: f(state, x).block_until_ready()), f.compile_s, f
+
+
+
+def se_excitations(name: str, batch: int, dtype=None):
+  """A call running the excitations of every SE block of `name`: each
+  block's FC layers and gate on an (N, C) vector of descriptors, one block
+  after another as in the network (each block's descriptors depend on the
+  previous block's gates), compiled; with the count of SE blocks and the
+  bytes of their FC layers' parameters, which every pass reads."""
+  model = create(name, dtype=dtype)
+  blocks = [m for _, m in nnx.iter_graph(model)
+            if isinstance(m, SqueezeExcite)]
+  if not blocks:
+    raise ValueError(f"{name} has no SE blocks")
+  params = [b.params for b in blocks]
+  keys = jax.random.split(jax.random.key(2), len(blocks))
+  zs = [jax.random.normal(k, (batch, b.w1.shape[0]), jnp.float32)
+        for k, b in zip(keys, blocks)]
+
+  def run(params, zs):
+    gates = None
+    for p, z in zip(params, zs):
+      if gates is not None:
+        z = z + gates[:, :1]
+      gates = se_jax.excite(p, z)
+    return gates
+
+  f = _Compiled(run, params, zs)
+  nbytes = sum(x.nbytes for p in params for x in p if x is not None)
+  return (lambda: f(params, zs).block_until_ready()), len(blocks), nbytes
 
 
 # The CIFAR recipe's optimizer (experiments/configs/common.py, base_config).
@@ -572,9 +606,13 @@ def section_inference(cfg) -> dict:
         for cl in cfg["torch_layouts"]:
           fns[f"timm {ours}{' CL' if cl else ''}"] = torch_inference(
               _timm_model(timm_name), batch, 224, cl, cfg["bf16"])
+    fns[EXCITATIONS], blocks, nbytes = se_excitations(
+        "se_resnet50", batch, cfg["dtype"])
     print(f"[inference] batch {batch}", file=sys.stderr, flush=True)
     times = time_alternating(fns, cfg["repeats"])
-    rows.append({"batch": batch, "times": times, "compile_s": compile_s})
+    rows.append({"batch": batch, "times": times, "compile_s": compile_s,
+                 "excitations": {**times.pop(EXCITATIONS), "blocks": blocks,
+                                 "param_bytes": nbytes}})
   return {"rows": rows}
 
 
@@ -1717,6 +1755,8 @@ def _inference_evidence(results: dict) -> list[str]:
   rows = results.get("inference", {}).get("rows", [])
   blocks = results.get("se_block", {}).get("rows", [])
   pairs = _inference_se_times(results)
+  excitations = {r["batch"]: r["excitations"] for r in rows
+                 if "excitations" in r}
   if pairs and blocks:
     b = max(pairs)
     pair = pairs[b]
@@ -1726,6 +1766,8 @@ def _inference_evidence(results: dict) -> list[str]:
     pooled = sum(r["times"]["pooling pass"]["median_s"] for r in blocks)
     nbytes = se_input_bytes("se_resnet50", b, 224, inference=True)
     pass_s = nbytes * pooled / moved
+    exc = excitations.get(b)
+    known = pass_s + (exc["median_s"] if exc else 0.0)
     lines.append(
         f"SE-ResNet-50 inference at batch {b} takes"
         f" {1e3 * abs(extra):.0f} ms {'more' if extra >= 0 else 'less'}"
@@ -1740,12 +1782,41 @@ def _inference_evidence(results: dict) -> list[str]:
         " less to read than the output, else the output:"
         f" {nbytes / 1e6:.0f} MB, {1e3 * pass_s:.0f} ms"
         " at the pooling rate measured in the SE-block section, besides the"
-        " small FC layers. The extra time is"
-        + (" within the cost of that pass." if extra <= pass_s else
-           f" {extra / pass_s:.1f}x the cost of that pass; the rest is the"
-           " SE blocks' other operations (per unit the squeeze's reduction,"
-           " three small matrix products and the gate's product in the"
-           " unit's output pass), which this run does not time apart."))
+        + (f" excitations ({1e3 * exc['median_s']:.0f} ms, timed alone)."
+           " The extra time is"
+           + (" within the cost of the two." if extra <= known else
+              f" {extra / known:.1f}x the cost of the two; the rest is the"
+              " SE blocks' other operations (per unit the squeeze's"
+              " reduction and the gate's product in the unit's output"
+              " pass), which this run does not time apart.")
+           if exc else
+           " small FC layers. The extra time is"
+           + (" within the cost of that pass." if extra <= pass_s else
+              f" {extra / pass_s:.1f}x the cost of that pass; the rest is"
+              " the SE blocks' other operations (per unit the squeeze's"
+              " reduction, three small matrix products and the gate's"
+              " product in the unit's output pass), which this run does not"
+              " time apart.")))
+  both = sorted(b for b in excitations if b in pairs)
+  if both:
+    first = excitations[both[0]]
+    parts = []
+    for b in both:
+      extra = pairs[b]["se"]["median_s"] - pairs[b]["plain"]["median_s"]
+      e = excitations[b]["median_s"]
+      parts.append(
+          f"batch {b}: {1e3 * e:.1f} ms of "
+          + (f"{1e3 * extra:.1f} ms ({e / extra:.0%})" if extra > 0 else
+             f"none (SE-ResNet-50 {1e3 * -extra:.1f} ms faster)"))
+    lines.append(
+        f"SE's excitations, the FC layers and gates of SE-ResNet-50's"
+        f" {first['blocks']} SE blocks on their squeezed (N, C) vectors, one"
+        " block after another, timed alone in the inference section's"
+        " rounds, against the time SE adds to ResNet-50 (medians, from"
+        f" {pairs[both[0]]['source']}): " + "; ".join(parts) + "."
+        f" Each pass reads their {first['param_bytes'] / 1e6:.1f} MB of"
+        " parameters whatever the batch, while the network's own work grows"
+        " with it.")
   if 1 in pairs and pairs[1]["ratio"] < 1.0:
     lines.append(
         "At batch 1 SE-ResNet-50 runs faster than ResNet-50 in this run"
@@ -1867,6 +1938,13 @@ def to_markdown(results: dict, checks: list[dict], prov: dict,
       out.extend(_times_table(row["times"], row["batch"],
                               "se_jax se_resnet50"))
       out.append("")
+      if "excitations" in row:
+        e = row["excitations"]
+        out.append(
+            f"In the same rounds, {EXCITATIONS} (the FC layers and gates of"
+            f" its {e['blocks']} SE blocks, one after another,"
+            f" {e['param_bytes'] / 1e6:.1f} MB of parameters): {_ms(e)} ms"
+            f" ({_spread(e)} ms).\n")
   if "train" in results:
     r = results["train"]
     out.append(f"## Training step, ResNet-50 and SE-ResNet-50, batch"
