@@ -22,14 +22,19 @@ tunables change where the buffers live, not what is computed:
 
 The benchmark's "allocator" section measures what each buys.
 
-glibc reads its tunables when the process starts, so no import can set them.
-The experiment scripts (``python -m experiments.NAME``) therefore restart
-themselves once, before importing anything else, with these tunables added
-to ``GLIBC_TUNABLES``; a tunable the variable already names keeps its value.
-They do not when ``SE_JAX_ALLOCATOR=0``, off Linux and glibc, and when the
-variable names every one of them. Users of the library in their own programs
-get the same by starting Python with the variable set to `tunables`, on
-one line (``python -m experiments.allocator --tunables`` prints it)::
+Importing se_jax keeps the heap of any program, through glibc's ``mallopt``
+(`se_jax.heap`), for the threads that XLA's CPU backend starts after the
+import. The huge page advice has no ``mallopt``: glibc reads it, as all its
+tunables, only when the process starts. The experiment scripts
+(``python -m experiments.NAME``) therefore restart themselves once, before
+importing anything else, with all of these tunables added to
+``GLIBC_TUNABLES``; a tunable the variable already names keeps its value.
+They do not when ``SE_JAX_ALLOCATOR=0`` (which turns se_jax's ``mallopt``
+off too), off Linux and glibc, and when the variable names every one of
+them. Programs of one's own get the huge pages too, and the kept heap even
+where they compute before importing se_jax, by starting Python with the
+variable set to `tunables`, on one line
+(``python -m experiments.allocator --tunables`` prints it)::
 
   GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776:glibc.malloc.hugetlb=1 python my_training.py
 """
@@ -111,10 +116,16 @@ def restart_argv(argv: list[str], environ: dict[str, str],
 
 
 def state() -> str:
-  """In words, how this process's allocator keeps its large buffers."""
+  """In words, how this process's allocator keeps its large buffers: its
+  heap as `se_jax.heap` says where se_jax is imported, and its pages."""
   named = parse(os.environ.get("GLIBC_TUNABLES", ""))
-  heap = ("heap kept between calls" if all(named.get(k) == v for k, v in HEAP)
-          else "glibc's default heap")
+  library = sys.modules.get("se_jax.heap")
+  if library is not None:
+    heap = library.state()
+  else:
+    heap = ("heap kept between calls (GLIBC_TUNABLES)"
+            if all(named.get(k) == v for k, v in HEAP)
+            else "glibc's default heap")
   advised = named.get(HUGEPAGES[0], "0") != "0"
   mode = thp_mode()
   if mode == "always":

@@ -1021,24 +1021,29 @@ print(json.dumps({"times": times, "state": allocator.state(),
 """
 
 
-# The allocator section's process with the experiment scripts' tunables.
+# The allocator section's processes: with the experiment scripts' tunables,
+# as a program of one's own runs (the heap kept by se_jax's import), and
+# with glibc's defaults.
 KEPT_HEAP = "heap kept"
+IMPORT_HEAP = "se_jax's import"
+GLIBC_DEFAULTS = "glibc's defaults"
 
 
 def section_allocator(cfg) -> dict:
-  """The CIFAR SE-ResNet-20 training step in fresh processes under glibc's
-  tunables: the heap kept and huge pages advised (what the experiment
-  scripts run with, see `experiments.allocator`), huge pages advised alone,
-  and neither, the three alternating."""
+  """The CIFAR SE-ResNet-20 training step in fresh processes: with the
+  experiment scripts' glibc tunables (the heap kept and huge pages advised,
+  see `experiments.allocator`), with none (the heap kept by se_jax's import,
+  `se_jax.heap`: what a program of one's own gets) and with glibc's
+  defaults (``SE_JAX_ALLOCATOR=0``), the three alternating."""
   if cfg["gpu"] or sys.platform != "linux":
-    return {"skipped": "glibc's page advice concerns CPU buffers on Linux"}
+    return {"skipped": "glibc's heap concerns CPU buffers on Linux"}
   name, batch = "cifar_se_resnet20", cfg["cifar_batch"]
-  base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  base = {k: v for k, v in os.environ.items()
+          if k not in ("GLIBC_TUNABLES", allocator.OPT_OUT)}
   envs = {KEPT_HEAP: {**base, "GLIBC_TUNABLES": allocator.tunables(
               allocator.thp_mode())},
-          "huge pages advised": {**base,
-                                 "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
-          "4 KiB pages": {**base, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}}
+          IMPORT_HEAP: base,
+          GLIBC_DEFAULTS: {**base, allocator.OPT_OUT: "0"}}
   runs = {k: [] for k in envs}
   rounds = 1 if cfg["repeats"] <= 3 else 3
   print(f"[allocator] {name} at batch {batch}, {rounds} rounds",
@@ -1315,6 +1320,16 @@ def check_targets(results: dict, cfg: dict) -> list[dict]:
            "interval": (flops / iv[1] / rate, flops / iv[0] / rate)
            if iv else None},
           f"SE-ResNet-{d}: {achieved / 1e9:.1f} of {rate / 1e9:.1f} GFLOP/s")
+  al = results.get("allocator", {})
+  if IMPORT_HEAP in al.get("rows", {}):
+    # A program of one's own, which restarts with no tunables, against the
+    # experiment scripts' process: the i-th calls of the two processes of a
+    # round are paired.
+    add("default_within_fastest_train",
+        paired_ratio(al["rows"], IMPORT_HEAP, KEPT_HEAP),
+        f"CIFAR SE-ResNet-20, batch {al['batch']}, a program's own process"
+        " (the heap kept by se_jax's import) against the experiment scripts'"
+        " glibc tunables, fresh processes (allocator section)")
   tuning = results.get("tuning", {})
   if tuning.get("times"):
     # Every configuration of the tuning section, options included.
@@ -1633,6 +1648,27 @@ def _saving(seconds: float) -> str:
 
 def _allocator_evidence(al: dict) -> str:
   rows = al["rows"]
+  if IMPORT_HEAP in rows:
+    each = [(rows[IMPORT_HEAP], "as a program of one's own runs it (the heap"
+             " kept by se_jax's import, `se_jax.heap`)"),
+            (rows[KEPT_HEAP], "with the experiment scripts' glibc tunables"
+             " (the heap kept, huge pages advised)"),
+            (rows[GLIBC_DEFAULTS], "with glibc's defaults"
+             f" (`{allocator.OPT_OUT}=0`)")]
+    first = each[0][0]
+    return (
+        f"Memory: in fresh processes, the {al['model']} step at batch"
+        f" {al['batch']} takes "
+        + ", ".join(f"{_ms(r)} ms {what}" for r, what in each)
+        + " (" + " and ".join(f"{r['median_s'] / first['median_s']:.2f}x"
+                              for r, _ in each[1:])
+        + " the first), with "
+        + ", ".join(f"{r['faults_per_step']:,.0f}" for r, _ in each)
+        + " page faults and "
+        + ", ".join(f"{1e3 * r['system_s_per_step']:.0f}" for r, _ in each)
+        + " ms of system time per step: XLA:CPU allocates the step's buffers"
+        " afresh on every call, and only a kept heap hands it the same pages"
+        " again.")
   kept, on, off = (rows.get(KEPT_HEAP), rows["huge pages advised"],
                    rows["4 KiB pages"])
   if kept is None:
@@ -2108,17 +2144,30 @@ def to_markdown(results: dict, checks: list[dict], prov: dict,
     al = results["allocator"]
     kept = KEPT_HEAP in al["rows"]
     out.append("## Memory: the training step in fresh processes\n")
-    out.append(
-        f"`{al['model']}`, batch {al['batch']}, the trainer's step in"
-        f" {al['rounds']} round(s) of fresh processes, one per setting of"
-        " glibc's tunables, the rounds alternating: "
-        + (f"`GLIBC_TUNABLES={al['tunables']}` (the heap"
-           " kept, huge pages advised where the kernel takes advice: what"
-           " the experiment scripts restart with; `experiments/allocator.py`),"
-           " " if kept else "")
-        + "`glibc.malloc.hugetlb=1` (huge pages advised) and"
-        " `glibc.malloc.hugetlb=0`; page faults and system time per step from"
-        " `getrusage`.\n")
+    if IMPORT_HEAP in al["rows"]:
+      out.append(
+          f"`{al['model']}`, batch {al['batch']}, the trainer's step in"
+          f" {al['rounds']} round(s) of fresh processes, the rounds"
+          f" alternating: `GLIBC_TUNABLES={al['tunables']}` (the heap kept,"
+          " huge pages advised where the kernel takes advice: what the"
+          " experiment scripts restart with; `experiments/allocator.py`),"
+          " no tunables (the heap kept by se_jax's import through glibc's"
+          " `mallopt`, `se_jax/heap.py`: what a program of one's own gets)"
+          f" and `{allocator.OPT_OUT}=0` without tunables (glibc's"
+          " defaults); page faults and system time per step from"
+          " `getrusage`.\n")
+    else:
+      out.append(
+          f"`{al['model']}`, batch {al['batch']}, the trainer's step in"
+          f" {al['rounds']} round(s) of fresh processes, one per setting of"
+          " glibc's tunables, the rounds alternating: "
+          + (f"`GLIBC_TUNABLES={al['tunables']}` (the heap"
+             " kept, huge pages advised where the kernel takes advice: what"
+             " the experiment scripts restart with;"
+             " `experiments/allocator.py`), " if kept else "")
+          + "`glibc.malloc.hugetlb=1` (huge pages advised) and"
+          " `glibc.malloc.hugetlb=0`; page faults and system time per step"
+          " from `getrusage`.\n")
     out.append("| process | median ms | page faults / step | system ms / step"
                " | allocator |\n|---|---|---|---|---|")
     for k, r in al["rows"].items():

@@ -4,7 +4,13 @@ Pure squeeze / excite / scale primitives, a Flax NNX SE block and the
 SE-ResNet family of Hu et al., "Squeeze-and-Excitation Networks" (TPAMI 2019).
 """
 
-from se_jax import attention
+from se_jax import heap
+
+# Before the imports below, so that nothing they do starts XLA's CPU
+# backend first (see `se_jax.heap`).
+heap.keep()
+
+from se_jax import attention  # noqa: E402
 from se_jax import models
 from se_jax.attention.se import SqueezeExcite
 from se_jax.costs import count_flops

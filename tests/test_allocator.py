@@ -93,7 +93,7 @@ def test_a_script_restarts_once_with_the_tunables():
   if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
     pytest.skip("glibc's tunables")
   mode = allocator.thp_mode()
-  assert run({}).startswith("heap kept between calls, ")
+  assert run({}).startswith("heap kept between calls (GLIBC_TUNABLES), ")
   if mode == "madvise":
     assert run({}).endswith("advised (glibc.malloc.hugetlb=1)")
   assert run({"SE_JAX_ALLOCATOR": "0"}).startswith("glibc's default heap, ")
