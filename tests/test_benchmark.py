@@ -650,51 +650,51 @@ def test_bfloat16_run_on_any_device(tmp_path):
   assert "bfloat16 compute." in (tmp_path / "benchmark.md").read_text()
 
 
+def _allocator_results(*rows):
+  """An allocator section of (process, calls in ms, page faults per step,
+  system ms per step, state) rows."""
+  return {"allocator": {
+      "model": "m", "batch": 128, "rounds": 3, "tunables": "a=1:b=0",
+      "rows": {k: {**_calls(ms), "faults_per_step": faults,
+                   "system_s_per_step": system_ms / 1e3, "state": state}
+               for k, ms, faults, system_ms, state in rows}}}
+
+
+def _markdown(results):
+  return benchmark.to_markdown(results, [], {
+      "command": "c", "date": "d", "commit": "x", "machine": "m",
+      "devices": "1 x cpu", "versions": {"jax": "j", "flax": "f"}},
+      {"repeats": 1, "bf16": False})
+
+
 def test_evidence_and_table_of_the_allocator_section():
-  rows = {benchmark.KEPT_HEAP: {**_t(70), "faults_per_step": 0.0,
-                                "system_s_per_step": 0.001,
-                                "state": "heap kept"},
-          "huge pages advised": {**_t(80), "faults_per_step": 300.0,
-                                 "system_s_per_step": 0.05,
-                                 "state": "advised"},
-          "4 KiB pages": {**_t(100), "faults_per_step": 60000.0,
-                          "system_s_per_step": 0.25, "state": "4 KiB"}}
-  results = {"allocator": {"model": "m", "batch": 128, "rounds": 3,
-                           "rows": rows, "tunables": "a=1:b=0"}}
+  # A run saved before se_jax's import kept the heap: the scripts'
+  # tunables, huge pages advised alone, glibc's defaults.
+  results = _allocator_results(
+      (benchmark.KEPT_HEAP, [70], 0.0, 1, "heap kept"),
+      ("huge pages advised", [80], 300.0, 50, "advised"),
+      ("4 KiB pages", [100], 60000.0, 250, "4 KiB"))
   text = " ".join(benchmark.evidence(results))
   assert ("takes 70.0 ms with the heap kept and huge pages advised (the"
           " experiment scripts' glibc tunables), 80.0 ms with huge pages"
           " advised alone, 100.0 ms with glibc's defaults (1.14x and 1.43x"
           " the first), with 0, 300, 60,000 page faults and 1, 50, 250 ms of"
           " system time per step") in text
-  md = benchmark.to_markdown(results, [], {
-      "command": "c", "date": "d", "commit": "x", "machine": "m",
-      "devices": "1 x cpu", "versions": {"jax": "j", "flax": "f"}},
-      {"repeats": 1, "bf16": False})
+  md = _markdown(results)
   assert "| 4 KiB pages | 100.0 | 60,000 | 250 | 4 KiB |" in md
   assert "`GLIBC_TUNABLES=a=1:b=0` (the heap kept" in md
   # A run saved before the section timed the kept heap: its two processes.
-  del rows[benchmark.KEPT_HEAP]
+  del results["allocator"]["rows"][benchmark.KEPT_HEAP]
   text = " ".join(benchmark.evidence(results))
   assert ("takes 80.0 ms with glibc's huge pages advised and 100.0 ms"
           " without (1.25x), with 300 against 60,000 page faults") in text
 
 
 def test_evidence_table_and_target_of_the_allocator_section():
-  rows = {benchmark.KEPT_HEAP: {**_calls([70, 71, 69]),
-                                "faults_per_step": 0.0,
-                                "system_s_per_step": 0.001,
-                                "state": "tunables"},
-          benchmark.IMPORT_HEAP: {**_calls([72, 73, 71]),
-                                  "faults_per_step": 2.0,
-                                  "system_s_per_step": 0.004,
-                                  "state": "import"},
-          benchmark.GLIBC_DEFAULTS: {**_calls([90, 91, 89]),
-                                     "faults_per_step": 50000.0,
-                                     "system_s_per_step": 0.12,
-                                     "state": "defaults"}}
-  results = {"allocator": {"model": "m", "batch": 128, "rounds": 3,
-                           "rows": rows, "tunables": "a=1:b=0"}}
+  results = _allocator_results(
+      (benchmark.KEPT_HEAP, [70, 71, 69], 0.0, 1, "tunables"),
+      (benchmark.IMPORT_HEAP, [72, 73, 71], 2.0, 4, "import"),
+      (benchmark.GLIBC_DEFAULTS, [90, 91, 89], 50000.0, 120, "defaults"))
   text = " ".join(benchmark.evidence(results))
   assert ("takes 72.0 ms as a program of one's own runs it (the heap kept"
           " by se_jax's import, `se_jax.heap`), 70.0 ms with the experiment"
@@ -702,10 +702,7 @@ def test_evidence_table_and_target_of_the_allocator_section():
           " ms with glibc's defaults (`SE_JAX_ALLOCATOR=0`) (0.97x and 1.25x"
           " the first), with 2, 0, 50,000 page faults and 4, 1, 120 ms of"
           " system time per step") in text
-  md = benchmark.to_markdown(results, [], {
-      "command": "c", "date": "d", "commit": "x", "machine": "m",
-      "devices": "1 x cpu", "versions": {"jax": "j", "flax": "f"}},
-      {"repeats": 1, "bf16": False})
+  md = _markdown(results)
   assert "| se_jax's import | 72.0 | 2 | 4 | import |" in md
   assert "no tunables (the heap kept by se_jax's import" in md
   (check,) = benchmark.check_targets(results, {"bf16": False})
