@@ -1655,23 +1655,18 @@ def _allocator_evidence(al: dict) -> str:
              " (the heap kept, huge pages advised)"),
             (rows[GLIBC_DEFAULTS], "with glibc's defaults"
              f" (`{allocator.OPT_OUT}=0`)")]
-    first = each[0][0]
-    return (
-        f"Memory: in fresh processes, the {al['model']} step at batch"
-        f" {al['batch']} takes "
-        + ", ".join(f"{_ms(r)} ms {what}" for r, what in each)
-        + " (" + " and ".join(f"{r['median_s'] / first['median_s']:.2f}x"
-                              for r, _ in each[1:])
-        + " the first), with "
-        + ", ".join(f"{r['faults_per_step']:,.0f}" for r, _ in each)
-        + " page faults and "
-        + ", ".join(f"{1e3 * r['system_s_per_step']:.0f}" for r, _ in each)
-        + " ms of system time per step: XLA:CPU allocates the step's buffers"
-        " afresh on every call, and only a kept heap hands it the same pages"
-        " again.")
-  kept, on, off = (rows.get(KEPT_HEAP), rows["huge pages advised"],
-                   rows["4 KiB pages"])
-  if kept is None:
+    ending = "only a kept heap hands it the same pages again."
+  elif KEPT_HEAP in rows:
+    # A run saved before se_jax's import kept the heap.
+    each = [(rows[KEPT_HEAP], "with the heap kept and huge pages advised (the"
+             " experiment scripts' glibc tunables)"),
+            (rows["huge pages advised"], "with huge pages advised alone"),
+            (rows["4 KiB pages"], "with glibc's defaults")]
+    ending = ("only the kept heap hands it the same pages again. A program of"
+              " the user's own gets the same by starting Python with"
+              " `GLIBC_TUNABLES` set as `experiments/allocator.py` says.")
+  else:
+    on, off = rows["huge pages advised"], rows["4 KiB pages"]
     return (
         f"Memory pages: in fresh processes, the {al['model']} step at batch"
         f" {al['batch']} takes {_ms(on)} ms with glibc's huge pages advised"
@@ -1682,23 +1677,19 @@ def _allocator_evidence(al: dict) -> str:
         f" {1e3 * on['system_s_per_step']:.0f} against"
         f" {1e3 * off['system_s_per_step']:.0f} ms of system time per step:"
         " XLA:CPU allocates the step's buffers afresh on every call.")
-  each = [(kept, "with the heap kept and huge pages advised (the experiment"
-           " scripts' glibc tunables)"),
-          (on, "with huge pages advised alone"),
-          (off, "with glibc's defaults")]
+  first = each[0][0]
   return (
       f"Memory: in fresh processes, the {al['model']} step at batch"
       f" {al['batch']} takes "
       + ", ".join(f"{_ms(r)} ms {what}" for r, what in each)
-      + f" ({on['median_s'] / kept['median_s']:.2f}x and"
-      f" {off['median_s'] / kept['median_s']:.2f}x the first), with "
+      + " (" + " and ".join(f"{r['median_s'] / first['median_s']:.2f}x"
+                            for r, _ in each[1:])
+      + " the first), with "
       + ", ".join(f"{r['faults_per_step']:,.0f}" for r, _ in each)
       + " page faults and "
       + ", ".join(f"{1e3 * r['system_s_per_step']:.0f}" for r, _ in each)
       + " ms of system time per step: XLA:CPU allocates the step's buffers"
-      " afresh on every call, and only the kept heap hands it the same pages"
-      " again. A program of the user's own gets the same by starting Python"
-      " with `GLIBC_TUNABLES` set as `experiments/allocator.py` says.")
+      " afresh on every call, and " + ending)
 
 
 def _with_interval(ratio: dict) -> str:
@@ -1803,7 +1794,11 @@ def _inference_evidence(results: dict) -> list[str]:
     nbytes = se_input_bytes("se_resnet50", b, 224, inference=True)
     pass_s = nbytes * pooled / moved
     exc = excitations.get(b)
+    # What the run timed of SE's work: the squeeze's pass, and the
+    # excitations where they were timed alone.
     known = pass_s + (exc["median_s"] if exc else 0.0)
+    cost = "the two" if exc else "that pass"
+    others = " and" if exc else ", three small matrix products and"
     lines.append(
         f"SE-ResNet-50 inference at batch {b} takes"
         f" {1e3 * abs(extra):.0f} ms {'more' if extra >= 0 else 'less'}"
@@ -1819,20 +1814,13 @@ def _inference_evidence(results: dict) -> list[str]:
         f" {nbytes / 1e6:.0f} MB, {1e3 * pass_s:.0f} ms"
         " at the pooling rate measured in the SE-block section, besides the"
         + (f" excitations ({1e3 * exc['median_s']:.0f} ms, timed alone)."
-           " The extra time is"
-           + (" within the cost of the two." if extra <= known else
-              f" {extra / known:.1f}x the cost of the two; the rest is the"
-              " SE blocks' other operations (per unit the squeeze's"
-              " reduction and the gate's product in the unit's output"
-              " pass), which this run does not time apart.")
-           if exc else
-           " small FC layers. The extra time is"
-           + (" within the cost of that pass." if extra <= pass_s else
-              f" {extra / pass_s:.1f}x the cost of that pass; the rest is"
-              " the SE blocks' other operations (per unit the squeeze's"
-              " reduction, three small matrix products and the gate's"
-              " product in the unit's output pass), which this run does not"
-              " time apart.")))
+           if exc else " small FC layers.")
+        + " The extra time is"
+        + (f" within the cost of {cost}." if extra <= known else
+           f" {extra / known:.1f}x the cost of {cost}; the rest is the SE"
+           f" blocks' other operations (per unit the squeeze's reduction"
+           f"{others} the gate's product in the unit's output pass), which"
+           " this run does not time apart."))
   both = sorted(b for b in excitations if b in pairs)
   if both:
     first = excitations[both[0]]
@@ -2144,30 +2132,22 @@ def to_markdown(results: dict, checks: list[dict], prov: dict,
     al = results["allocator"]
     kept = KEPT_HEAP in al["rows"]
     out.append("## Memory: the training step in fresh processes\n")
-    if IMPORT_HEAP in al["rows"]:
-      out.append(
-          f"`{al['model']}`, batch {al['batch']}, the trainer's step in"
-          f" {al['rounds']} round(s) of fresh processes, the rounds"
-          f" alternating: `GLIBC_TUNABLES={al['tunables']}` (the heap kept,"
-          " huge pages advised where the kernel takes advice: what the"
-          " experiment scripts restart with; `experiments/allocator.py`),"
-          " no tunables (the heap kept by se_jax's import through glibc's"
-          " `mallopt`, `se_jax/heap.py`: what a program of one's own gets)"
-          f" and `{allocator.OPT_OUT}=0` without tunables (glibc's"
-          " defaults); page faults and system time per step from"
-          " `getrusage`.\n")
-    else:
-      out.append(
-          f"`{al['model']}`, batch {al['batch']}, the trainer's step in"
-          f" {al['rounds']} round(s) of fresh processes, one per setting of"
-          " glibc's tunables, the rounds alternating: "
-          + (f"`GLIBC_TUNABLES={al['tunables']}` (the heap"
-             " kept, huge pages advised where the kernel takes advice: what"
-             " the experiment scripts restart with;"
-             " `experiments/allocator.py`), " if kept else "")
-          + "`glibc.malloc.hugetlb=1` (huge pages advised) and"
-          " `glibc.malloc.hugetlb=0`; page faults and system time per step"
-          " from `getrusage`.\n")
+    scripts = (f"`GLIBC_TUNABLES={al['tunables']}` (the heap kept, huge pages"
+               " advised where the kernel takes advice: what the experiment"
+               " scripts restart with; `experiments/allocator.py`)")
+    out.append(
+        f"`{al['model']}`, batch {al['batch']}, the trainer's step in"
+        f" {al['rounds']} round(s) of fresh processes, "
+        + (f"the rounds alternating: {scripts}, no tunables (the heap kept"
+           " by se_jax's import through glibc's `mallopt`,"
+           " `se_jax/heap.py`: what a program of one's own gets) and"
+           f" `{allocator.OPT_OUT}=0` without tunables (glibc's defaults)"
+           if IMPORT_HEAP in al["rows"] else
+           "one per setting of glibc's tunables, the rounds alternating: "
+           + (f"{scripts}, " if kept else "")
+           + "`glibc.malloc.hugetlb=1` (huge pages advised) and"
+           " `glibc.malloc.hugetlb=0`")
+        + "; page faults and system time per step from `getrusage`.\n")
     out.append("| process | median ms | page faults / step | system ms / step"
                " | allocator |\n|---|---|---|---|---|")
     for k, r in al["rows"].items():
