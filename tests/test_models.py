@@ -1,5 +1,7 @@
 """The NNX SE-ResNet family, its registry, gates and functional path."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -470,6 +472,36 @@ def test_inference_squeezes_the_output_where_conv3s_kernel_outweighs_it(
     out[fold] = unit(x)
   assert seen == [None]
   np.testing.assert_allclose(out[True], out[False], rtol=1e-5, atol=1e-5)
+
+
+def _maps_written(name: str, x: jax.Array, elements: int) -> int:
+  """How many of the compiled eval-mode unit's top-level fusions write a
+  map of `elements` values, in-place updates aside."""
+  import re
+  unit = create(name).stages[1][0]
+  unit.eval()
+  graphdef, state = nnx.split(unit)
+  text = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(
+      state, x).compile().as_text()
+  count = 0
+  for line in text[text.index("ENTRY"):].splitlines():
+    m = re.match(r"\s*%(\S+) = \w+\[([\d,]*)\]\S* fusion\(", line)
+    if m and "dynamic-update-slice" not in m[1] and math.prod(
+        int(d) for d in m[2].split(",")) == elements:
+      count += 1
+  return count
+
+
+def test_inference_squeeze_through_conv3_computes_its_input_once():
+  # The squeeze's mean and conv3 read one buffer: XLA:CPU does not compute
+  # the BN + ReLU before conv3 a second time for the mean, so the SE unit
+  # writes as many maps of conv3's input size as the plain one.
+  x = _images(n=2, size=32, c=256, seed=3)
+  elements = 2 * 16 * 16 * 128
+  assert squeezes_through_conv3(2 * 16 * 16, 128, 512)
+  plain = _maps_written("resnet50", x, elements)
+  assert plain >= 1
+  assert _maps_written("se_resnet50", x, elements) == plain
 
 
 def test_only_the_standard_unit_folds_the_norm():

@@ -257,6 +257,7 @@ class ResidualUnit(nnx.Module):
       shortcut = self._shortcut(x)
 
     h = nnx.relu(self.bn1(self.conv1(h)))
+    mean = None
     if self.block == "basic":
       if self._attends("standard", "3x3"):
         h = self.attn(h)
@@ -266,24 +267,27 @@ class ResidualUnit(nnx.Module):
       h = nnx.relu(self.bn2(self.conv2(h)))
       if self._attends("standard", "3x3"):
         h = self.attn(h)
-      before = h
+      if (self.fold_norm and self.bn3.use_running_average
+          and squeezes_through_conv3(math.prod(h.shape[:-1]), h.shape[-1],
+                                     self.conv3.out_features)):
+        # conv3 is linear, 1x1 and of stride 1: the mean of its output over
+        # the positions is conv3 of its input's mean, a quarter as many
+        # channels to read, besides conv3's kernel. In training the
+        # BatchNorm's statistics read the output anyway, and the squeeze
+        # shares that pass. The input goes into a buffer of its own, in the
+        # rows that conv3 reads, so that XLA does not compute it twice, once
+        # for each reader.
+        n, hh, ww, c = h.shape
+        rows = materialized(h.reshape(n, hh * ww, c))
+        f32 = jnp.float32
+        mean = (jnp.mean(rows, axis=1, dtype=f32)
+                @ self.conv3.kernel[...][0, 0].astype(f32))
+        h = rows.reshape(h.shape)
       h = self.conv3(h)
       last_bn = self.bn3
 
     if self.fold_norm:
       mul, add = last_bn.affine(h)
-      mean = None
-      if (self.block == "bottleneck" and last_bn.use_running_average
-          and squeezes_through_conv3(math.prod(before.shape[:-1]),
-                                     before.shape[-1], h.shape[-1])):
-        # conv3 is linear, 1x1 and of stride 1: the mean of its output over
-        # the positions is conv3 of its input's mean, a quarter as many
-        # channels to read, besides conv3's kernel. In training the
-        # BatchNorm's statistics read the output anyway, and the squeeze
-        # shares that pass.
-        f32 = jnp.float32
-        mean = (jnp.mean(before, axis=(1, 2), dtype=f32)
-                @ self.conv3.kernel[...][0, 0].astype(f32))
       h = self.attn.affine_call(h, mul, add, dtype=last_bn.dtype, mean=mean)
     else:
       if last_bn is not None:
