@@ -1777,6 +1777,23 @@ def _inference_se_times(results: dict) -> dict[int, dict]:
                        "source": source} for r in rows}
 
 
+def _parameter_floor(batch: int, excitations: dict, pair: dict,
+                     rate: float) -> str:
+  """What reading the excitations' parameters once costs at `batch`, at the
+  pooling rate measured in the SE-block section, as a share of ResNet-50's
+  pass: the least SE / plain that those bytes allow."""
+  read_s = excitations["param_bytes"] / rate
+  plain_s = pair["plain"]["median_s"]
+  return (
+      f" At the pooling rate measured in the SE-block section"
+      f" ({rate / 1e9:.1f} GB/s) they take {1e3 * read_s:.2f} ms to read,"
+      f" {read_s / plain_s:.1%} of ResNet-50's pass at batch {batch}"
+      f" ({1e3 * plain_s:.1f} ms): there SE / plain cannot go below"
+      f" {1 + read_s / plain_s:.3f} without reading fewer bytes, and the"
+      f" excitations take {excitations['median_s'] / read_s:.1f}x that"
+      " read.")
+
+
 def _inference_evidence(results: dict) -> list[str]:
   lines = []
   rows = results.get("inference", {}).get("rows", [])
@@ -1784,15 +1801,17 @@ def _inference_evidence(results: dict) -> list[str]:
   pairs = _inference_se_times(results)
   excitations = {r["batch"]: r["excitations"] for r in rows
                  if "excitations" in r}
+  # The pooling pass's measured rate over the SE blocks' maps, in bytes/s.
+  rate = None
+  if blocks:
+    rate = (sum(4 * np.prod(r["shape"]) for r in blocks)
+            / sum(r["times"]["pooling pass"]["median_s"] for r in blocks))
   if pairs and blocks:
     b = max(pairs)
     pair = pairs[b]
     extra = pair["se"]["median_s"] - pair["plain"]["median_s"]
-    # The pooling pass's measured rate over the SE blocks' maps.
-    moved = sum(4 * np.prod(r["shape"]) for r in blocks)
-    pooled = sum(r["times"]["pooling pass"]["median_s"] for r in blocks)
     nbytes = se_input_bytes("se_resnet50", b, 224, inference=True)
-    pass_s = nbytes * pooled / moved
+    pass_s = nbytes / rate
     exc = excitations.get(b)
     # What the run timed of SE's work: the squeeze's pass, and the
     # excitations where they were timed alone.
@@ -1840,7 +1859,9 @@ def _inference_evidence(results: dict) -> list[str]:
         f" {pairs[both[0]]['source']}): " + "; ".join(parts) + "."
         f" Each pass reads their {first['param_bytes'] / 1e6:.1f} MB of"
         " parameters whatever the batch, while the network's own work grows"
-        " with it.")
+        " with it."
+        + ("" if rate is None else _parameter_floor(
+            both[0], first, pairs[both[0]], rate)))
   if 1 in pairs and pairs[1]["ratio"] < 1.0:
     lines.append(
         "At batch 1 SE-ResNet-50 runs faster than ResNet-50 in this run"

@@ -515,6 +515,13 @@ def test_evidence_names_what_bounds_the_step():
           " the time SE adds to ResNet-50 (medians, from the SE / plain"
           " section): batch 1: 0.5 ms of 2.0 ms (25%). Each pass reads their"
           " 10.1 MB of parameters whatever the batch") in text
+  # Read at the pooling rate (4e6 bytes in 2 ms), against ResNet-50's
+  # 100 ms pass.
+  assert ("At the pooling rate measured in the SE-block section (2.0 GB/s)"
+          " they take 5.06 ms to read, 5.1% of ResNet-50's pass at batch 1"
+          " (100.0 ms): there SE / plain cannot go below 1.051 without"
+          " reading fewer bytes, and the excitations take 0.1x that read."
+          ) in text
   results["overhead"]["rows"][0]["times"]["se_jax se_resnet50"] = _calls(
       [99, 99, 99])
   text = " ".join(benchmark.evidence(results))
