@@ -1,6 +1,7 @@
 """The NNX SE-ResNet family, its registry, gates and functional path."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -477,7 +478,6 @@ def test_inference_squeezes_the_output_where_conv3s_kernel_outweighs_it(
 def _maps_written(name: str, x: jax.Array, elements: int) -> int:
   """How many of the compiled eval-mode unit's top-level fusions write a
   map of `elements` values, in-place updates aside."""
-  import re
   unit = create(name).stages[1][0]
   unit.eval()
   graphdef, state = nnx.split(unit)

@@ -118,6 +118,15 @@ def squeezes_through_conv3(positions: int, width: int, channels: int) -> bool:
   return positions * width + width * channels < positions * channels
 
 
+def _materialized_rows(x: jax.Array) -> jax.Array:
+  """`materialized` for an (N, H, W, C) map written as the rows of pixels
+  (N, H * W, C) that a 1x1 convolution reads in inference (see
+  `se_jax.conv`), so that the convolution and the map's other readers
+  share that one buffer."""
+  n, h, w, c = x.shape
+  return materialized(x.reshape(n, h * w, c)).reshape(x.shape)
+
+
 class ResidualUnit(nnx.Module):
   """A residual unit, basic or bottleneck, plain or pre-activation, with an
   optional attention module.
@@ -277,12 +286,10 @@ class ResidualUnit(nnx.Module):
         # shares that pass. The input goes into a buffer of its own, in the
         # rows that conv3 reads, so that XLA does not compute it twice, once
         # for each reader.
-        n, hh, ww, c = h.shape
-        rows = materialized(h.reshape(n, hh * ww, c))
+        h = _materialized_rows(h)
         f32 = jnp.float32
-        mean = (jnp.mean(rows, axis=1, dtype=f32)
+        mean = (jnp.mean(h, axis=(1, 2), dtype=f32)
                 @ self.conv3.kernel[...][0, 0].astype(f32))
-        h = rows.reshape(h.shape)
       h = self.conv3(h)
       last_bn = self.bn3
 
@@ -314,8 +321,7 @@ class ResidualUnit(nnx.Module):
       # buffer is the one both readers share, where the image's shape would
       # have XLA copy it for one of them. In training, and in basic units,
       # whose next convolution is 3x3, that shape adds copies instead.
-      n, hh, ww, c = out.shape
-      return materialized(out.reshape(n, hh * ww, c)).reshape(out.shape)
+      return _materialized_rows(out)
     return materialized(out)
 
 
